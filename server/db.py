@@ -1,0 +1,74 @@
+"""The PostgreSQL pool and the migrations that shape it."""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+
+import asyncpg
+import orjson
+
+log = logging.getLogger(__name__)
+
+# Any constant works; every process that migrates takes the same advisory lock.
+_MIGRATION_LOCK = 0x5EA7_5027
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb", encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads, schema="pg_catalog"
+    )
+
+
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+    """A pool whose connections speak jsonb as Python objects and time out instead of hanging."""
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        command_timeout=30,
+        timeout=10,
+    )
+    assert pool is not None
+    return pool
+
+
+def _migrations() -> list[tuple[str, str]]:
+    folder = resources.files("server") / "migrations"
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(".sql"))
+    return [(p.name.removesuffix(".sql"), p.read_text()) for p in files]
+
+
+async def migrate(dsn: str) -> list[str]:
+    """Apply pending migrations; safe when several processes start at once. Returns those applied."""
+    conn = await asyncpg.connect(dsn, timeout=10)
+    applied: list[str] = []
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for version, sql in _migrations():
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version) VALUES ($1)", version
+                    )
+                applied.append(version)
+                log.info("applied migration %s", version)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+    finally:
+        await conn.close()
+    return applied
+
+
+from aiohttp import web  # noqa: E402
+
+POOL_KEY = web.AppKey("pool", asyncpg.Pool)

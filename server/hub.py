@@ -1,0 +1,227 @@
+"""Fan-out: one Redis subscription per process, a gap-free stream per group, local subscribers.
+
+The relay task is the only reader of the subscription and the only writer of each feed's
+``last_seq``, so delivery, deduplication and gap filling never race. A published event with a
+gap (Redis pub/sub is at-most-once, and two transactions may publish out of commit order) is
+preceded by the missing events read from PostgreSQL; a (re)subscription and a periodic check
+catch up any group whose newest events never arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from . import events
+from .events import EPHEMERAL
+from .protocol import ProtocolError
+
+log = logging.getLogger(__name__)
+
+CONTROL_CHANNEL = "ss:hub"
+CATCH_UP_EVERY_S = 5.0
+
+
+class Cursor:
+    """One subscriber's position in a group's stream: buffers while it syncs, then drops repeats."""
+
+    __slots__ = ("sink", "seq", "buffer")
+
+    def __init__(self, sink: Callable[[bytes], None]) -> None:
+        self.sink = sink
+        self.seq = 0
+        self.buffer: list[tuple[int, bytes]] | None = []
+
+    def push(self, seq: int, data: bytes) -> None:
+        if self.buffer is not None:
+            self.buffer.append((seq, data))
+        elif seq == EPHEMERAL:
+            self.sink(data)
+        elif seq > self.seq:
+            self.seq = seq
+            self.sink(data)
+
+    def go_live(self, seq: int) -> None:
+        """Everything up to ``seq`` has been sent; release what arrived meanwhile."""
+        self.seq = seq
+        buffered, self.buffer = self.buffer or [], None
+        for s, d in buffered:
+            self.push(s, d)
+
+
+class Feed:
+    __slots__ = ("subscribers", "last_seq", "confirmed", "ready")
+
+    def __init__(self) -> None:
+        self.subscribers: set[Cursor] = set()
+        self.last_seq = 0
+        self.confirmed = asyncio.Event()
+        self.ready = asyncio.Event()
+
+
+class Hub:
+    def __init__(self, redis: aioredis.Redis, pool: asyncpg.Pool) -> None:
+        self.redis = redis
+        self.pool = pool
+        self.feeds: dict[str, Feed] = {}
+        self.pubsub: aioredis.client.PubSub | None = None
+        self.connected = asyncio.Event()
+        self.delivered = 0
+        self.gap_fills = 0
+
+    # -- subscribers -------------------------------------------------------------------------
+
+    async def subscribe(self, group: str, cursor: Cursor, timeout: float = 5.0) -> None:
+        """Add a subscriber once the group's Redis subscription is confirmed and positioned."""
+        feed = self.feeds.get(group)
+        try:
+            if feed is None:
+                feed = self.feeds[group] = Feed()
+                await asyncio.wait_for(self.connected.wait(), timeout)
+                assert self.pubsub is not None
+                await self.pubsub.subscribe(events.channel(group))
+                await asyncio.wait_for(feed.confirmed.wait(), timeout)
+                # Anything published before this read is already counted in last_seq.
+                feed.last_seq = await self.pool.fetchval(
+                    "SELECT last_seq FROM groups WHERE id = $1", group
+                ) or 0
+                feed.ready.set()
+            else:
+                await asyncio.wait_for(feed.ready.wait(), timeout)
+        except (TimeoutError, OSError, aioredis.RedisError, asyncpg.PostgresError) as err:
+            if feed is not None and not feed.ready.is_set() and self.feeds.get(group) is feed:
+                del self.feeds[group]
+            log.warning("subscribing to group %s failed: %r", group, err)
+            raise ProtocolError("unavailable", "live updates are unavailable; retry") from None
+        feed.subscribers.add(cursor)
+
+    async def unsubscribe(self, group: str, cursor: Cursor) -> None:
+        feed = self.feeds.get(group)
+        if feed is None:
+            return
+        feed.subscribers.discard(cursor)
+        if not feed.subscribers and feed.ready.is_set():
+            del self.feeds[group]
+            if self.pubsub is not None:
+                try:
+                    await asyncio.wait_for(self.pubsub.unsubscribe(events.channel(group)), 2)
+                except (TimeoutError, OSError, aioredis.RedisError) as err:
+                    log.debug("unsubscribe %s failed: %r", group, err)
+
+    # -- the relay task ----------------------------------------------------------------------
+
+    async def relay(self) -> None:
+        """Listen for published events forever, reconnecting with capped exponential backoff."""
+        backoff = 0.05
+        while True:
+            try:
+                await self._listen()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001 - reconnect whatever went wrong
+                log.warning("redis subscription lost (%r); reconnecting in %.2fs", err, backoff)
+            self.connected.clear()
+            await self._close_pubsub()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _close_pubsub(self) -> None:
+        ps, self.pubsub = self.pubsub, None
+        if ps is not None:
+            try:
+                # Closing a pub/sub connection to a dead server can hang: bound it.
+                await asyncio.wait_for(ps.aclose(), 2)
+            except Exception as err:  # noqa: BLE001
+                log.debug("closing pubsub: %r", err)
+
+    async def _listen(self) -> None:
+        ps = self.redis.pubsub()
+        self.pubsub = ps
+        await ps.subscribe(CONTROL_CHANNEL, *(events.channel(g) for g in self.feeds))
+        self.connected.set()
+        prefix = events.CHANNEL_PREFIX.encode()
+        next_check = time.monotonic() + CATCH_UP_EVERY_S
+        while True:
+            msg = await ps.get_message(timeout=1.0)
+            if msg is not None:
+                kind = msg["type"]
+                chan: bytes = msg["channel"]
+                if chan.startswith(prefix):
+                    group = chan[len(prefix) :].decode()
+                    feed = self.feeds.get(group)
+                    if feed is not None:
+                        if kind == "message":
+                            await self._on_message(group, feed, msg["data"])
+                        elif kind == "subscribe":
+                            if feed.ready.is_set():
+                                await self._catch_up(group, feed)  # resubscribed after a reconnect
+                            else:
+                                feed.confirmed.set()
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + CATCH_UP_EVERY_S
+                await self._catch_up_all()
+
+    async def _on_message(self, group: str, feed: Feed, payload: bytes) -> None:
+        if not feed.ready.is_set():
+            return  # its position is read after confirmation; this event is counted in it
+        seq, data = events.parse_wire(payload)
+        if seq == EPHEMERAL:
+            self._deliver(feed, seq, data)
+        elif seq == feed.last_seq + 1:
+            feed.last_seq = seq
+            self._deliver(feed, seq, data)
+        elif seq > feed.last_seq:
+            await self._fill(group, feed, until=seq)
+
+    async def _fill(self, group: str, feed: Feed, until: int | None) -> None:
+        """Deliver stored events after last_seq (up to ``until``) from PostgreSQL."""
+        try:
+            missing = await asyncio.wait_for(
+                events.read_since(self.pool, group, feed.last_seq, until), 5
+            )
+        except (TimeoutError, OSError, asyncpg.PostgresError) as err:
+            log.warning("gap fill for %s failed (%r); will retry", group, err)
+            return
+        if missing:
+            self.gap_fills += 1
+        for ev in missing:
+            if ev.seq == feed.last_seq + 1:
+                feed.last_seq = ev.seq
+                self._deliver(feed, ev.seq, ev.data)
+
+    async def _catch_up(self, group: str, feed: Feed) -> None:
+        await self._fill(group, feed, until=None)
+
+    async def _catch_up_all(self) -> None:
+        """Fill groups whose newest events never arrived (a lost final publish)."""
+        ready = {g: f for g, f in self.feeds.items() if f.ready.is_set()}
+        if not ready:
+            return
+        try:
+            rows = await asyncio.wait_for(
+                self.pool.fetch(
+                    "SELECT id, last_seq FROM groups WHERE id = ANY($1::text[])", list(ready)
+                ),
+                5,
+            )
+        except (TimeoutError, OSError, asyncpg.PostgresError) as err:
+            log.warning("catch-up check failed: %r", err)
+            return
+        for r in rows:
+            feed = ready[r["id"]]
+            if r["last_seq"] > feed.last_seq and self.feeds.get(r["id"]) is feed:
+                await self._fill(r["id"], feed, until=r["last_seq"])
+
+    def _deliver(self, feed: Feed, seq: int, data: bytes) -> None:
+        for cursor in list(feed.subscribers):
+            cursor.push(seq, data)
+        self.delivered += len(feed.subscribers)
+
+
+HUB_KEY = web.AppKey("hub", Hub)

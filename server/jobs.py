@@ -1,0 +1,372 @@
+"""Jobs: enqueue with database-enforced dedup, claim with SKIP LOCKED, fenced writes, cancel."""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from . import events
+from .events import Event
+from .protocol import ProtocolError
+
+log = logging.getLogger(__name__)
+
+ACTIVE = ["queued", "running", "retrying"]
+NOTIFY_CHANNEL = "ss_jobs"
+
+
+class LeaseLost(Exception):
+    """This worker no longer holds the job (cancelled, taken over or finished): write nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    job: str
+    group: str
+    attempt: int
+    owner: str
+    lease_s: float
+
+
+def job_object(r: Mapping[str, Any]) -> dict[str, Any]:
+    """The job as the protocol shows it (PROTOCOL.md §3)."""
+    total, done = r["total"], r["done"]
+    percent = 100.0 if r["status"] == "completed" else (round(100 * done / total, 1) if total else 0.0)
+    return {
+        "id": str(r["id"]),
+        "group": r["group_id"],
+        "status": r["status"],
+        "stage": r["stage"],
+        "progress": {"done": done, "total": total, "percent": percent},
+        "attempt": r["attempt"],
+        "requested_by": r["requested_by"],
+        "created_at": events.iso(r["created_at"]),
+        "started_at": events.iso(r["started_at"]),
+        "finished_at": events.iso(r["finished_at"]),
+        "error": r["error"],
+        "result": r["result"],
+    }
+
+
+def parse_job_id(job: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(job)
+    except ValueError:
+        raise ProtocolError("not_found", "no such job") from None
+
+
+async def enqueue(
+    pool: asyncpg.Pool,
+    group: str,
+    user: str,
+    options: Mapping[str, Any],
+    idempotency_key: str | None,
+) -> tuple[dict[str, Any], bool, list[Event]]:
+    """Queue a sort, or return the group's active job (or the key's job) as deduplicated."""
+    for _ in range(3):
+        async with pool.acquire() as conn, conn.transaction():
+            if idempotency_key:
+                row = await conn.fetchrow(
+                    "SELECT * FROM jobs WHERE requested_by = $1 AND idempotency_key = $2",
+                    user,
+                    idempotency_key,
+                )
+                if row is not None:
+                    return job_object(row), True, []
+            # ON CONFLICT DO NOTHING covers both partial unique indexes: a concurrent sort for the
+            # same group waits here for the winner's commit, then finds its job below.
+            row = await conn.fetchrow(
+                "INSERT INTO jobs (id, group_id, status, requested_by, idempotency_key, options)"
+                " VALUES ($1, $2, 'queued', $3, $4, $5) ON CONFLICT DO NOTHING RETURNING *",
+                uuid.uuid4(),
+                group,
+                user,
+                idempotency_key,
+                dict(options),
+            )
+            if row is None:
+                row = await conn.fetchrow(
+                    "SELECT * FROM jobs WHERE (group_id = $1 AND status = ANY($2::text[]))"
+                    " OR (requested_by = $3 AND idempotency_key = $4) LIMIT 1",
+                    group,
+                    ACTIVE,
+                    user,
+                    idempotency_key,
+                )
+                if row is None:
+                    continue  # the job we collided with finished meanwhile: try again
+                return job_object(row), True, []
+            job = job_object(row)
+            ev = await events.append(conn, group, "job.queued", job=job)
+            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, group)
+            return job, False, [ev]
+    raise ProtocolError("conflict", "could not queue the sort; try again")
+
+
+async def fetch(db: asyncpg.Pool | asyncpg.Connection, job: str) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await db.fetchrow(
+        "SELECT * FROM jobs WHERE id = $1", parse_job_id(job)
+    )
+    return row
+
+
+async def recent(pool: asyncpg.Pool, group: str, limit: int) -> list[dict[str, Any]]:
+    rows = await pool.fetch(
+        "SELECT * FROM jobs WHERE group_id = $1 ORDER BY created_at DESC LIMIT $2", group, limit
+    )
+    return [job_object(r) for r in rows]
+
+
+async def active(db: asyncpg.Pool | asyncpg.Connection, group: str) -> dict[str, Any] | None:
+    """The group's queued or running job, else its newest one, for snapshots."""
+    row = await db.fetchrow(
+        "SELECT * FROM jobs WHERE group_id = $1"
+        " ORDER BY (status = ANY($2::text[])) DESC, created_at DESC LIMIT 1",
+        group,
+        ACTIVE,
+    )
+    return job_object(row) if row else None
+
+
+async def cancel(pool: asyncpg.Pool, job: str, by: str) -> tuple[dict[str, Any], list[Event]]:
+    """Cancel a queued or running job at once; its worker's next fenced write fails."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "UPDATE jobs SET status = 'cancelled', finished_at = clock_timestamp(),"
+            " lease_owner = NULL, lease_expires_at = NULL"
+            " WHERE id = $1 AND status = ANY($2::text[]) RETURNING *",
+            parse_job_id(job),
+            ACTIVE,
+        )
+        if row is None:
+            current = await fetch(conn, job)
+            if current is None:
+                raise ProtocolError("not_found", "no such job")
+            raise ProtocolError("conflict", f"job is already {current['status']}")
+        obj = job_object(row)
+        ev = await events.append(conn, row["group_id"], "job.cancelled", job=obj, by=by)
+    log.info("job %s cancelled by %s", job, by)
+    return obj, [ev]
+
+
+async def claim(pool: asyncpg.Pool, owner: str, lease_s: float) -> tuple[Lease, asyncpg.Record, list[Event]] | None:
+    """Take the oldest runnable job, if any, under a lease."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "WITH next AS (SELECT id FROM jobs WHERE status IN ('queued', 'retrying')"
+            "   AND run_after <= clock_timestamp() ORDER BY run_after, created_at"
+            "   FOR UPDATE SKIP LOCKED LIMIT 1)"
+            " UPDATE jobs j SET status = 'running', attempt = j.attempt + 1, lease_owner = $1,"
+            "   lease_expires_at = clock_timestamp() + make_interval(secs => $2),"
+            "   started_at = coalesce(j.started_at, clock_timestamp()), error = NULL"
+            " FROM next WHERE j.id = next.id RETURNING j.*",
+            owner,
+            lease_s,
+        )
+        if row is None:
+            return None
+        ev = await events.append(
+            conn, row["group_id"], "job.started", job=job_object(row), attempt=row["attempt"]
+        )
+    lease = Lease(str(row["id"]), row["group_id"], row["attempt"], owner, lease_s)
+    return lease, row, [ev]
+
+
+_FENCE = (
+    " lease_expires_at = clock_timestamp() + make_interval(secs => $4)"
+    " WHERE id = $1 AND lease_owner = $2 AND attempt = $3 AND status = 'running'"
+)
+
+
+async def _fenced_update(conn: asyncpg.Connection, lease: Lease, sets: str, *args: Any) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        f"UPDATE jobs SET {sets}{',' if sets else ''}{_FENCE} RETURNING *",
+        uuid.UUID(lease.job),
+        lease.owner,
+        lease.attempt,
+        lease.lease_s,
+        *args,
+    )
+    if row is None:
+        raise LeaseLost(lease.job)
+    return row
+
+
+async def renew(pool: asyncpg.Pool, lease: Lease) -> None:
+    """Extend the lease; raises LeaseLost when it is gone."""
+    async with pool.acquire() as conn:
+        await _fenced_update(conn, lease, "")
+
+
+async def progress(
+    pool: asyncpg.Pool, lease: Lease, stage: str, done: int, total: int, message: str, eta_s: float | None
+) -> list[Event]:
+    percent = round(100 * done / total, 1) if total else 100.0
+    fields: dict[str, Any] = {
+        "job": lease.job, "stage": stage, "done": done, "total": total,
+        "percent": percent, "message": message,
+    }
+    if eta_s is not None:
+        fields["eta_s"] = round(eta_s, 1)
+    async with pool.acquire() as conn, conn.transaction():
+        await _fenced_update(conn, lease, "stage = $5, done = $6, total = $7", stage, done, total)
+        return [await events.append(conn, lease.group, "job.progress", **fields)]
+
+
+async def partial(pool: asyncpg.Pool, lease: Lease, songs: Sequence[Mapping[str, Any]]) -> list[Event]:
+    async with pool.acquire() as conn, conn.transaction():
+        await _fenced_update(conn, lease, "")
+        return [await events.append(conn, lease.group, "job.partial", job=lease.job, songs=list(songs))]
+
+
+async def complete(
+    pool: asyncpg.Pool,
+    lease: Lease,
+    categories: list[dict[str, Any]],
+    order: list[str],
+    analyses: Mapping[str, Mapping[str, Any]],
+    stats: dict[str, Any],
+) -> tuple[dict[str, Any], list[Event]]:
+    """Save placements, bump the playlist version and finish the job, all in one transaction.
+
+    Songs removed while the sort ran are dropped; songs added meanwhile go last, in 'Just added'.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        # Lock order everywhere: job row, then group row, then songs.
+        await _fenced_update(conn, lease, "")
+        version = await conn.fetchval(
+            "UPDATE groups SET playlist_version = playlist_version + 1 WHERE id = $1"
+            " RETURNING playlist_version",
+            lease.group,
+        )
+        current = [
+            r["id"]
+            for r in await conn.fetch(
+                "SELECT id FROM songs WHERE group_id = $1 ORDER BY added_at, id FOR UPDATE",
+                lease.group,
+            )
+        ]
+        present = set(current)
+        order = [s for s in order if s in present]
+        cats = [
+            {"name": c["name"], "songs": [s for s in c["songs"] if s in present]} for c in categories
+        ]
+        cats = [c for c in cats if c["songs"]]
+        placed = set(order)
+        late = [s for s in current if s not in placed]
+        if late:
+            order += late
+            cats.append({"name": "Just added", "songs": late})
+        category_of = {s: c["name"] for c in cats for s in c["songs"]}
+        await conn.execute(
+            "UPDATE songs s SET category = v.category, position = v.position, analysis = v.analysis"
+            " FROM unnest($1::text[], $2::text[], $3::int[], $4::jsonb[])"
+            "   AS v(id, category, position, analysis)"
+            " WHERE s.id = v.id AND s.group_id = $5",
+            order,
+            [category_of[s] for s in order],
+            list(range(len(order))),
+            [analyses.get(s) for s in order],
+            lease.group,
+        )
+        stats = {**stats, "songs": len(order)}
+        result = {"categories": cats, "order": order, "stats": stats}
+        row = await conn.fetchrow(
+            "UPDATE jobs SET status = 'completed', stage = 'saving', done = total, result = $2,"
+            " finished_at = clock_timestamp(), lease_owner = NULL, lease_expires_at = NULL"
+            " WHERE id = $1 RETURNING *",
+            uuid.UUID(lease.job),
+            result,
+        )
+        job = job_object(row)
+        evs = [
+            await events.append(
+                conn, lease.group, "playlist.updated", version=version, change="sorted"
+            ),
+            await events.append(conn, lease.group, "job.completed", job=job),
+        ]
+    return job, evs
+
+
+def backoff_s(attempt: int, base: float = 1.0, cap: float = 30.0) -> float:
+    """Exponential backoff with full jitter."""
+    return random.uniform(0.5, 1.0) * min(cap, base * 2 ** (attempt - 1))
+
+
+async def fail_or_retry(
+    pool: asyncpg.Pool, lease: Lease, error: dict[str, Any], max_attempts: int
+) -> tuple[dict[str, Any], list[Event]]:
+    """After a failed attempt: schedule the next one, or fail the job for good."""
+    async with pool.acquire() as conn, conn.transaction():
+        if error.get("retryable") and lease.attempt < max_attempts:
+            delay = backoff_s(lease.attempt)
+            row = await _fenced_update(
+                conn,
+                lease,
+                "status = 'retrying', error = $5, lease_owner = NULL,"
+                " run_after = clock_timestamp() + make_interval(secs => $6)",
+                error,
+                delay,
+            )
+            ev = await events.append(
+                conn, lease.group, "job.retrying",
+                job=lease.job, attempt=lease.attempt, retry_in_s=round(delay, 2), error=error,
+            )
+            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, lease.group)
+        else:
+            row = await _fenced_update(
+                conn,
+                lease,
+                "status = 'failed', error = $5, lease_owner = NULL, finished_at = clock_timestamp()",
+                error,
+            )
+            ev = await events.append(conn, lease.group, "job.failed", job=job_object(row))
+    return job_object(row), [ev]
+
+
+async def requeue_expired(pool: asyncpg.Pool, max_attempts: int) -> list[Event]:
+    """Jobs whose worker stopped renewing its lease go back to the queue (or fail when out of tries)."""
+    out: list[Event] = []
+    error = {
+        "code": "worker_lost",
+        "message": "the worker running this sort stopped responding; it will be resumed",
+        "retryable": True,
+    }
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            "SELECT * FROM jobs WHERE status = 'running' AND lease_expires_at < clock_timestamp()"
+            " FOR UPDATE SKIP LOCKED"
+        )
+        for r in rows:
+            if r["attempt"] >= max_attempts:
+                final = {**error, "message": f"the sort's worker stopped responding {r['attempt']} times", "retryable": False}
+                row = await conn.fetchrow(
+                    "UPDATE jobs SET status = 'failed', error = $2, lease_owner = NULL,"
+                    " finished_at = clock_timestamp() WHERE id = $1 RETURNING *",
+                    r["id"],
+                    final,
+                )
+                out.append(await events.append(conn, r["group_id"], "job.failed", job=job_object(row)))
+            else:
+                await conn.execute(
+                    "UPDATE jobs SET status = 'retrying', error = $2, lease_owner = NULL,"
+                    " run_after = clock_timestamp() WHERE id = $1",
+                    r["id"],
+                    error,
+                )
+                out.append(
+                    await events.append(
+                        conn, r["group_id"], "job.retrying",
+                        job=str(r["id"]), attempt=r["attempt"], retry_in_s=0.0, error=error,
+                    )
+                )
+            log.warning("job %s lost its worker (attempt %d)", r["id"], r["attempt"])
+        if rows:
+            await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+    return out

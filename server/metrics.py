@@ -1,0 +1,35 @@
+"""Prometheus metrics of this process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge("smartsort_ws_connections", "Open WebSockets", registry=r)
+        self.messages_in = Counter("smartsort_ws_messages_in", "Client frames received", registry=r)
+        self.frames_out = Counter("smartsort_ws_frames_out", "Frames sent to sockets", registry=r)
+        self.errors_out = Counter(
+            "smartsort_ws_errors", "Error frames sent", ["code"], registry=r
+        )
+        self.slow_closes = Counter(
+            "smartsort_ws_slow_closes", "Sockets closed with 1013 (fell behind)", registry=r
+        )
+        self.jobs_queued = Counter("smartsort_jobs_queued", "Jobs queued", registry=r)
+        self.jobs_finished = Counter(
+            "smartsort_jobs_finished", "Jobs finished", ["status"], registry=r
+        )
+        self.llm_calls = Counter("smartsort_llm_calls", "LLM responses received", registry=r)
+        self.prompt_tokens = Counter("smartsort_prompt_tokens", "LLM prompt tokens", registry=r)
+        self.completion_tokens = Counter(
+            "smartsort_completion_tokens", "LLM completion tokens", registry=r
+        )
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))
+
+
+METRICS = Metrics()

@@ -1,0 +1,351 @@
+"""The socket: authenticate before the upgrade, then a read loop and one writer per socket."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from . import events, groups, jobs, service
+from .auth import AuthError, bearer, origin_allowed, verify_token
+from .config import SETTINGS_KEY
+from .db import POOL_KEY
+from .hub import HUB_KEY, Cursor
+from .metrics import METRICS
+from .presence import PRESENCE_KEY
+from .protocol import (
+    CLOSE_INTERNAL,
+    CLOSE_POLICY,
+    CLOSE_TOKEN_EXPIRED,
+    CLOSE_TRY_AGAIN,
+    PROTOCOL_VERSION,
+    CancelCommand,
+    Command,
+    JobGetCommand,
+    JoinCommand,
+    LeaveCommand,
+    PingCommand,
+    ProtocolError,
+    SortCommand,
+    parse_command,
+)
+
+log = logging.getLogger(__name__)
+
+SEND_TIMEOUT_S = 10.0
+MAX_REPLAY = 10_000
+CONNECTIONS_KEY = web.AppKey("connections", set)
+
+
+def json_error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"success": False, "error": message, "code": code}, status=status)
+
+
+class Connection:
+    """One socket: its bounded send queue, its joined groups and its rate limit."""
+
+    __slots__ = (
+        "ws", "user", "app", "queue", "wake", "cursors", "close_code", "max_queue",
+        "tokens", "rate", "last_refill", "strikes", "__weakref__",
+    )
+
+    def __init__(self, app: web.Application, ws: web.WebSocketResponse, user: str) -> None:
+        settings = app[SETTINGS_KEY]
+        self.app = app
+        self.ws = ws
+        self.user = user
+        # Items are one frame, or a list of frames (a replay) counted as one.
+        self.queue: deque[bytes | list[bytes]] = deque()
+        self.wake = asyncio.Event()
+        self.cursors: dict[str, Cursor] = {}
+        self.close_code: int | None = None
+        self.max_queue = settings.send_queue_max
+        self.rate = settings.messages_per_second
+        self.tokens = self.rate
+        self.last_refill = time.monotonic()
+        self.strikes = 0
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def send(self, data: bytes | list[bytes]) -> None:
+        if self.close_code is not None:
+            return
+        if len(self.queue) >= self.max_queue:
+            METRICS.slow_closes.inc()
+            log.info("closing socket of %s: send queue overflowed", self.user)
+            self.close(CLOSE_TRY_AGAIN)
+            return
+        self.queue.append(data)
+        self.wake.set()
+
+    def reply(self, frame: dict[str, Any]) -> None:
+        self.send(orjson.dumps(frame))
+
+    def close(self, code: int) -> None:
+        """Ask the writer to close after what is already queued (1013 drops the queue)."""
+        if self.close_code is None:
+            self.close_code = code
+            if code == CLOSE_TRY_AGAIN:
+                self.queue.clear()
+            self.wake.set()
+
+    async def send_loop(self) -> None:
+        ws = self.ws
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while self.queue:
+                item = self.queue.popleft()
+                frames = item if isinstance(item, list) else (item,)
+                for data in frames:
+                    # A peer that never reads would block this send forever: give it a deadline.
+                    await asyncio.wait_for(ws.send_frame(data, WSMsgType.TEXT), SEND_TIMEOUT_S)
+                METRICS.frames_out.inc(len(frames))
+            if self.close_code is not None:
+                await asyncio.wait_for(ws.close(code=self.close_code), SEND_TIMEOUT_S)
+                return
+
+    # -- rate limit (token bucket) -----------------------------------------------------------
+
+    def allow(self) -> float | None:
+        """None if the message may proceed, else seconds until it would."""
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.last_refill) * self.rate)
+        self.last_refill = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            self.strikes = 0
+            return None
+        self.strikes += 1
+        return (1 - self.tokens) / self.rate
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    settings = app[SETTINGS_KEY]
+    if not origin_allowed(request.headers.get("Origin"), request.host, settings.origins()):
+        return json_error(403, "forbidden", "origin not allowed")
+    try:
+        identity = verify_token(
+            settings.secret(),
+            bearer(request.headers.get("Authorization")) or request.query.get("token"),
+        )
+    except AuthError as err:
+        return json_error(401, "unauthorized", str(err))
+
+    ws = web.WebSocketResponse(
+        heartbeat=settings.heartbeat_s,
+        max_msg_size=settings.max_message_bytes,
+        compress=False,
+        decode_text=False,
+    )
+    await ws.prepare(request)
+    conn = Connection(app, ws, identity.user)
+    app[CONNECTIONS_KEY].add(conn)
+    METRICS.connections.inc()
+    log.info("socket open: user %s", identity.user)
+    writer = asyncio.create_task(conn.send_loop(), name=f"ws-send-{identity.user}")
+    expiry = asyncio.get_running_loop().call_later(
+        max(0.0, identity.expires_at - time.time()), conn.close, CLOSE_TOKEN_EXPIRED
+    )
+    conn.reply(
+        {
+            "type": "hello",
+            "user": identity.user,
+            "protocol": PROTOCOL_VERSION,
+            "heartbeat_s": settings.heartbeat_s,
+            "limits": {
+                "max_message_bytes": settings.max_message_bytes,
+                "messages_per_second": settings.messages_per_second,
+            },
+        }
+    )
+    try:
+        if "group" in request.query:
+            await _join_from_query(conn, request)
+        await _read_loop(conn, writer)
+    except Exception:
+        log.exception("socket of %s failed", identity.user)
+        conn.close(CLOSE_INTERNAL)
+    finally:
+        expiry.cancel()
+        await _leave_all(conn)
+        if not writer.done():
+            conn.close(conn.close_code or 1000)
+            try:
+                await asyncio.wait_for(asyncio.shield(writer), SEND_TIMEOUT_S)
+            except (TimeoutError, Exception):  # noqa: BLE001
+                writer.cancel()
+        if not ws.closed and request.transport is not None:
+            request.transport.abort()
+        app[CONNECTIONS_KEY].discard(conn)
+        METRICS.connections.dec()
+        log.info("socket closed: user %s (code %s)", identity.user, ws.close_code)
+    return ws
+
+
+async def _join_from_query(conn: Connection, request: web.Request) -> None:
+    raw: dict[str, Any] = {"type": "join", "group": request.query["group"]}
+    if "since" in request.query:
+        try:
+            raw["since"] = int(request.query["since"])
+        except ValueError:
+            conn.reply(ProtocolError("bad_request", "query 'since' must be an integer").frame())
+            return
+    await _handle(conn, orjson.dumps(raw))
+
+
+async def _read_loop(conn: Connection, writer: asyncio.Task[None]) -> None:
+    ws = conn.ws
+    async for msg in ws:
+        if writer.done():
+            break
+        if msg.type == WSMsgType.TEXT:
+            METRICS.messages_in.inc()
+            wait = conn.allow()
+            if wait is not None:
+                if conn.strikes > 3 * conn.rate:
+                    conn.close(CLOSE_POLICY)
+                    break
+                _error(conn, ProtocolError("rate_limited", "too many messages", retry_after_s=wait))
+                continue
+            await _handle(conn, msg.data)
+        elif msg.type == WSMsgType.BINARY:
+            _error(conn, ProtocolError("bad_request", "binary frames are not supported; send JSON text"))
+        elif msg.type == WSMsgType.ERROR:
+            # aiohttp has already closed the socket, with 1009 for a frame over max_msg_size.
+            break
+
+
+def _error(conn: Connection, err: ProtocolError) -> None:
+    METRICS.errors_out.labels(err.code).inc()
+    conn.reply(err.frame())
+
+
+async def _handle(conn: Connection, raw: bytes | str) -> None:
+    ref: str | None = None
+    try:
+        cmd = parse_command(raw)
+        ref = cmd.ref
+        await _dispatch(conn, cmd)
+    except ProtocolError as err:
+        if err.ref is None and ref is not None:
+            err.ref = ref
+        _error(conn, err)
+    except (OSError, asyncio.TimeoutError) as err:
+        log.warning("backend unavailable for %s: %r", conn.user, err)
+        _error(conn, ProtocolError("unavailable", "a backend is unavailable; retry", ref=ref))
+    except Exception as err:
+        if _is_backend_error(err):
+            log.warning("backend unavailable for %s: %r", conn.user, err)
+            _error(conn, ProtocolError("unavailable", "a backend is unavailable; retry", ref=ref))
+        else:
+            log.exception("handling a frame from %s failed", conn.user)
+            _error(conn, ProtocolError("internal", "internal error", ref=ref))
+
+
+def _is_backend_error(err: Exception) -> bool:
+    import asyncpg
+    import redis.exceptions
+
+    return isinstance(
+        err,
+        asyncpg.PostgresConnectionStatusError
+        | asyncpg.CannotConnectNowError
+        | asyncpg.InterfaceError
+        | redis.exceptions.ConnectionError
+        | redis.exceptions.TimeoutError,
+    )
+
+
+def _with_ref(frame: dict[str, Any], ref: str | None) -> dict[str, Any]:
+    if ref is not None:
+        frame["ref"] = ref
+    return frame
+
+
+async def _dispatch(conn: Connection, cmd: Command) -> None:
+    app = conn.app
+    match cmd:
+        case PingCommand():
+            conn.reply(_with_ref({"type": "pong"}, cmd.ref))
+        case JoinCommand():
+            await _join(conn, cmd)
+        case LeaveCommand():
+            await _leave(conn, cmd.group)
+            conn.reply(_with_ref({"type": "left", "group": cmd.group}, cmd.ref))
+        case SortCommand():
+            job, dedup = await service.start_sort(
+                app, conn.user, cmd.group, cmd.options, cmd.idempotency_key
+            )
+            conn.reply(
+                _with_ref({"type": "sort.accepted", "job": job, "deduplicated": dedup}, cmd.ref)
+            )
+        case CancelCommand():
+            job = await service.cancel_job(app, conn.user, cmd.job)
+            conn.reply(_with_ref({"type": "cancel.accepted", "job": job}, cmd.ref))
+        case JobGetCommand():
+            job = await service.get_job(app, conn.user, cmd.job)
+            conn.reply(_with_ref({"type": "job", "job": job}, cmd.ref))
+
+
+async def _join(conn: Connection, cmd: JoinCommand) -> None:
+    app = conn.app
+    pool = app[POOL_KEY]
+    group = cmd.group
+    await groups.require_member(pool, group, conn.user)
+    if group in conn.cursors:
+        await _leave(conn, group)
+    cursor = Cursor(conn.send)
+    # Subscribe first, so every event after the position read below reaches the cursor.
+    await app[HUB_KEY].subscribe(group, cursor)
+    conn.cursors[group] = cursor
+    await app[PRESENCE_KEY].enter(group, conn.user)
+    replay: list[bytes] = []
+    recovered = True
+    async with pool.acquire() as db, db.transaction(isolation="repeatable_read", readonly=True):
+        seq, version = await groups.state(db, group)
+        job = await jobs.active(db, group)
+        since = cmd.since
+        if since is not None and since != seq:
+            oldest = await events.oldest_retained(db, group)
+            if since > seq or seq - since > MAX_REPLAY or oldest is None or oldest > since + 1:
+                recovered = False
+            else:
+                replay = [e.data for e in await events.read_since(db, group, since, seq)]
+    online = await app[PRESENCE_KEY].online(group)
+    conn.reply(
+        _with_ref(
+            {
+                "type": "joined",
+                "group": group,
+                "seq": seq,
+                "recovered": recovered,
+                "snapshot": {"job": job, "online": online, "playlist_version": version},
+            },
+            cmd.ref,
+        )
+    )
+    if replay:
+        conn.send(replay)
+    cursor.go_live(seq)
+
+
+async def _leave(conn: Connection, group: str) -> None:
+    cursor = conn.cursors.pop(group, None)
+    if cursor is not None:
+        await conn.app[HUB_KEY].unsubscribe(group, cursor)
+        await conn.app[PRESENCE_KEY].leave(group, conn.user)
+
+
+async def _leave_all(conn: Connection) -> None:
+    for group in list(conn.cursors):
+        try:
+            await _leave(conn, group)
+        except Exception:  # noqa: BLE001 - leaving must not stop the others
+            log.exception("leaving %s failed", group)

@@ -1,0 +1,137 @@
+"""Test helpers: a protocol-checking socket client and subprocess control."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from server.protocol import SERVER_FRAME_ADAPTER
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 20.0
+
+
+class Socket:
+    """A member's socket: checks every frame against the protocol models, keeps them all."""
+
+    _refs = itertools.count(1)
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+        self._pos = 0
+
+    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The next frame not yet consumed."""
+        if self._pos < len(self.frames):
+            self._pos += 1
+            return self.frames[self._pos - 1]
+        async with asyncio.timeout(timeout):
+            msg = await self.ws.receive()
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            raise ConnectionError(f"socket closed: {msg.type} {msg.data!r} {msg.extra!r}")
+        frame = orjson.loads(msg.data)
+        SERVER_FRAME_ADAPTER.validate_python(frame)  # every frame must match the contract
+        self.frames.append(frame)
+        self._pos += 1
+        return frame
+
+    async def send(self, frame: dict[str, Any] | str | bytes) -> None:
+        if isinstance(frame, dict):
+            await self.ws.send_str(orjson.dumps(frame).decode())
+        elif isinstance(frame, bytes):
+            await self.ws.send_bytes(frame)
+        else:
+            await self.ws.send_str(frame)
+
+    async def until(
+        self, pred: Callable[[dict[str, Any]], bool], timeout: float = TIMEOUT
+    ) -> dict[str, Any]:
+        """Consume frames until one matches."""
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await self.recv()
+                if pred(frame):
+                    return frame
+
+    async def request(self, type_: str, **fields: Any) -> dict[str, Any]:
+        """Send with a fresh ref and return the reply that carries it."""
+        ref = f"r{next(self._refs)}"
+        await self.send({"type": type_, "ref": ref, **fields})
+        return await self.until(lambda f: f.get("ref") == ref)
+
+    def durable(self, group: str | None = None) -> list[dict[str, Any]]:
+        return [
+            f for f in self.frames
+            if "seq" in f and f["type"] not in ("joined",) and (group is None or f["group"] == group)
+        ]
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """`python -m server ...` as a real subprocess; waits for its announcement, not a sleep."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path = ROOT) -> None:
+        self.args = args
+        self.env = {**os.environ, **env}
+        self.cwd = cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.output: list[str] = []
+
+    async def start(self, ready_text: str = "listening on", timeout: float = 60) -> None:
+        self.proc = subprocess.Popen(
+            self.args, cwd=self.cwd, env=self.env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        assert self.proc.stdout is not None
+        stdout = self.proc.stdout
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            while True:
+                line = (await loop.run_in_executor(None, stdout.readline)).decode()
+                if not line:
+                    raise RuntimeError("server exited:\n" + "".join(self.output))
+                self.output.append(line)
+                if ready_text in line:
+                    break
+        self._drain = loop.run_in_executor(None, self._pump)
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for raw in iter(self.proc.stdout.readline, b""):
+            self.output.append(raw.decode(errors="replace"))
+
+    async def stop(self, timeout: float = 20) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        loop = asyncio.get_running_loop()
+        try:
+            rc = await asyncio.wait_for(loop.run_in_executor(None, self.proc.wait), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            rc = await loop.run_in_executor(None, self.proc.wait)
+        await self._drain
+        return rc
+
+
+def python_server(*args: str) -> list[str]:
+    return [sys.executable, "-m", "server", *args]
