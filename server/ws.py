@@ -51,14 +51,18 @@ class Connection:
 
     __slots__ = (
         "ws", "user", "app", "queue", "wake", "cursors", "close_code", "max_queue",
-        "tokens", "rate", "last_refill", "strikes", "__weakref__",
+        "tokens", "rate", "last_refill", "strikes", "transport", "__weakref__",
     )
 
-    def __init__(self, app: web.Application, ws: web.WebSocketResponse, user: str) -> None:
+    def __init__(
+        self, app: web.Application, ws: web.WebSocketResponse, user: str,
+        transport: asyncio.BaseTransport | None,
+    ) -> None:
         settings = app[SETTINGS_KEY]
         self.app = app
         self.ws = ws
         self.user = user
+        self.transport = transport
         # Items are one frame, or a list of frames (a replay) counted as one.
         self.queue: deque[bytes | list[bytes]] = deque()
         self.wake = asyncio.Event()
@@ -95,6 +99,19 @@ class Connection:
             self.wake.set()
 
     async def send_loop(self) -> None:
+        """The socket's only writer; returns when the socket is closed or the peer is gone."""
+        try:
+            await self._send_all()
+        except TimeoutError:
+            # The peer stopped reading and the kernel buffers are full: drop it.
+            log.info("socket of %s: send deadline passed; aborting", self.user)
+            self.close_code = self.close_code or CLOSE_TRY_AGAIN
+            if self.transport is not None:
+                self.transport.abort()
+        except (ConnectionError, RuntimeError) as err:
+            log.debug("socket of %s gone while sending: %r", self.user, err)
+
+    async def _send_all(self) -> None:
         ws = self.ws
         while True:
             await self.wake.wait()
@@ -145,7 +162,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         decode_text=False,
     )
     await ws.prepare(request)
-    conn = Connection(app, ws, identity.user)
+    conn = Connection(app, ws, identity.user, request.transport)
     app[CONNECTIONS_KEY].add(conn)
     METRICS.connections.inc()
     log.info("socket open: user %s", identity.user)

@@ -97,8 +97,12 @@ def app_factory(settings: Settings) -> Callable[..., Any]:
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, app_factory: Callable[..., Any]) -> TestClient:
-    return await aiohttp_client(app_factory())
+async def client(
+    aiohttp_client: Any, app_factory: Callable[..., Any], request: pytest.FixtureRequest
+) -> TestClient:
+    """The app under test; ``@pytest.mark.workers(0)`` runs it without worker coroutines."""
+    marker = request.node.get_closest_marker("workers")
+    return await aiohttp_client(app_factory(workers=marker.args[0] if marker else 1))
 
 
 Connect = Callable[..., Awaitable[Socket]]

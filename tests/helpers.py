@@ -28,23 +28,22 @@ class Socket:
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.ws = ws
-        self.frames: list[dict[str, Any]] = []
-        self._pos = 0
+        self.frames: list[dict[str, Any]] = []  # everything received, in order
+        self.pending: list[dict[str, Any]] = []  # received but not yet taken by recv/until
+        self._reading = asyncio.Lock()  # several tasks may wait on one socket
 
-    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
-        """The next frame not yet consumed."""
-        if self._pos < len(self.frames):
-            self._pos += 1
-            return self.frames[self._pos - 1]
-        async with asyncio.timeout(timeout):
-            msg = await self.ws.receive()
+    async def _receive(self) -> dict[str, Any]:
+        msg = await self.ws.receive()
         if msg.type != aiohttp.WSMsgType.TEXT:
             raise ConnectionError(f"socket closed: {msg.type} {msg.data!r} {msg.extra!r}")
         frame = orjson.loads(msg.data)
         SERVER_FRAME_ADAPTER.validate_python(frame)  # every frame must match the contract
         self.frames.append(frame)
-        self._pos += 1
         return frame
+
+    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The oldest frame not yet taken."""
+        return await self.until(lambda f: True, timeout)
 
     async def send(self, frame: dict[str, Any] | str | bytes) -> None:
         if isinstance(frame, dict):
@@ -57,12 +56,15 @@ class Socket:
     async def until(
         self, pred: Callable[[dict[str, Any]], bool], timeout: float = TIMEOUT
     ) -> dict[str, Any]:
-        """Consume frames until one matches."""
+        """Take the first frame that matches, leaving the others for later."""
         async with asyncio.timeout(timeout):
             while True:
-                frame = await self.recv()
-                if pred(frame):
-                    return frame
+                for i, frame in enumerate(self.pending):
+                    if pred(frame):
+                        return self.pending.pop(i)
+                async with self._reading:
+                    if not self.pending or not any(pred(f) for f in self.pending):
+                        self.pending.append(await self._receive())
 
     async def request(self, type_: str, **fields: Any) -> dict[str, Any]:
         """Send with a fresh ref and return the reply that carries it."""
