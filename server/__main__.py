@@ -48,19 +48,19 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     port = args.port if args.port is not None else settings.port
     app = create_app(settings, workers=args.workers)
 
-    async def announce(app: web.Application) -> None:
+    def announce(_: str) -> None:
+        # run_app calls this once the sockets are bound, so "listening" is true when printed.
         shown = "localhost" if host in ("0.0.0.0", "::", "") else host
         print(f"Smart Sort Live is listening on http://{shown}:{port}/", flush=True)
-        if app[SETTINGS_KEY].demo:
+        if settings.demo:
             token = issue_token(settings.secret(), "alice", 12 * 3600)
             print(f"  Demo page:  http://{shown}:{port}/", flush=True)
             print("  wscat, as alice in group 'demo' (then type {\"type\":\"sort\",\"group\":\"demo\"}):",
                   flush=True)
             print(f"    npx wscat -c \"ws://{shown}:{port}/ws?token={token}&group=demo\"", flush=True)
 
-    app.on_startup.append(announce)
     web.run_app(
-        app, host=host, port=port, access_log_class=AccessLogger, print=None,
+        app, host=host, port=port, access_log_class=AccessLogger, print=announce,
         shutdown_timeout=10,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -102,18 +103,25 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             self.args, cwd=self.cwd, env=self.env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,  # so stop() reaches children too (make run -> python)
         )
         assert self.proc.stdout is not None
         stdout = self.proc.stdout
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(timeout):
-            while True:
-                line = (await loop.run_in_executor(None, stdout.readline)).decode()
-                if not line:
-                    raise RuntimeError("server exited:\n" + "".join(self.output))
-                self.output.append(line)
-                if ready_text in line:
-                    break
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    line = (await loop.run_in_executor(None, stdout.readline)).decode()
+                    if not line:
+                        raise RuntimeError("server exited:\n" + "".join(self.output))
+                    self.output.append(line)
+                    if ready_text in line:
+                        break
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            stdout.close()
+            raise
         self._drain = loop.run_in_executor(None, self._pump)
 
     def _pump(self) -> None:
@@ -124,14 +132,19 @@ class ServerProcess:
     async def stop(self, timeout: float = 20) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:
-            self.proc.terminate()
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         loop = asyncio.get_running_loop()
         try:
             rc = await asyncio.wait_for(loop.run_in_executor(None, self.proc.wait), timeout)
         except TimeoutError:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)
             rc = await loop.run_in_executor(None, self.proc.wait)
         await self._drain
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
         return rc
 
 
