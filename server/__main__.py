@@ -55,12 +55,18 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
         if settings.demo:
             token = issue_token(settings.secret(), "alice", 12 * 3600)
             print(f"  Demo page:  http://{shown}:{port}/", flush=True)
-            print("  wscat, as alice in group 'demo' (then type {\"type\":\"sort\",\"group\":\"demo\"}):",
-                  flush=True)
-            print(f"    npx wscat -c \"ws://{shown}:{port}/ws?token={token}&group=demo\"", flush=True)
+            print(
+                '  wscat, as alice in group \'demo\' (then type {"type":"sort","group":"demo"}):',
+                flush=True,
+            )
+            print(f'    npx wscat -c "ws://{shown}:{port}/ws?token={token}&group=demo"', flush=True)
 
     web.run_app(
-        app, host=host, port=port, access_log_class=AccessLogger, print=announce,
+        app,
+        host=host,
+        port=port,
+        access_log_class=AccessLogger,
+        print=announce,
         shutdown_timeout=10,
     )
 
@@ -133,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("serve", help="web process (with in-process workers)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.add_argument("--workers", type=int, default=1, help="in-process worker coroutines (0 = web only)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="in-process worker coroutines (0 = web only)"
+    )
     p.add_argument("--demo", action="store_true", help="seed demo data and enable demo tokens")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("worker", help="worker-only process")

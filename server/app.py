@@ -19,7 +19,7 @@ from .hub import HUB_KEY, Hub
 from .presence import PRESENCE_KEY, Presence
 from .protocol import CLOSE_GOING_AWAY
 from .worker import WorkerPool
-from .ws import CONNECTIONS_KEY, websocket_handler
+from .ws import CONNECTIONS_KEY, Connection, websocket_handler
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +93,16 @@ def worker_ctx(n: int):  # type: ignore[no-untyped-def]
 
 async def close_sockets(app: web.Application) -> None:
     """On shutdown: tell every socket to reconnect elsewhere (1001), iterating over a copy."""
-    for conn in list(app[CONNECTIONS_KEY]):
+    connections: set[Connection] = app[CONNECTIONS_KEY]
+    for conn in list(connections):
         conn.close(CLOSE_GOING_AWAY)
 
 
 def create_app(settings: Settings, workers: int = 1) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY_BYTES)
     app[SETTINGS_KEY] = settings
-    app[CONNECTIONS_KEY] = set()
+    connections: set[Connection] = set()
+    app[CONNECTIONS_KEY] = connections
     app.cleanup_ctx.extend([backends_ctx, hub_ctx, worker_ctx(workers)])
     app.on_shutdown.append(close_sockets)
     app.router.add_get("/ws", websocket_handler)

@@ -60,7 +60,7 @@ def bearer(header: str | None) -> str | None:
 
 
 def origin_allowed(origin: str | None, host: str | None, allowed: frozenset[str]) -> bool:
-    """No Origin (wscat, servers) is fine; browsers must come from our host, localhost or the list."""
+    """No Origin (wscat, servers) is fine; browsers need our host, localhost or a listed one."""
     if origin is None:
         return True
     if origin in allowed:

@@ -16,7 +16,10 @@ _MIGRATION_LOCK = 0x5EA7_5027
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
-        "jsonb", encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads, schema="pg_catalog"
+        "jsonb",
+        encoder=lambda v: orjson.dumps(v).decode(),
+        decoder=orjson.loads,
+        schema="pg_catalog",
     )
 
 
@@ -36,12 +39,12 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asy
 
 def _migrations() -> list[tuple[str, str]]:
     folder = resources.files("server") / "migrations"
-    files = sorted(p for p in folder.iterdir() if p.name.endswith(".sql"))
+    files = sorted((p for p in folder.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name)
     return [(p.name.removesuffix(".sql"), p.read_text()) for p in files]
 
 
 async def migrate(dsn: str) -> list[str]:
-    """Apply pending migrations; safe when several processes start at once. Returns those applied."""
+    """Apply pending migrations; safe for concurrent starts. Returns those applied."""
     conn = await asyncpg.connect(dsn, timeout=10)
     applied: list[str] = []
     try:

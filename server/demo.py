@@ -11,7 +11,9 @@ GROUPS = {
 }
 
 # title, artist, genre, tempo_bpm, energy, valence, year
-DEMO_SONGS: list[tuple[str, str, str | None, float | None, float | None, float | None, int | None]] = [
+DEMO_SONGS: list[
+    tuple[str, str, str | None, float | None, float | None, float | None, int | None]
+] = [
     ("Blinding Lights", "The Weeknd", "pop", 171, 0.73, 0.33, 2019),
     ("Levitating", "Dua Lipa", "pop", 103, 0.82, 0.92, 2020),
     ("Get Lucky", "Daft Punk", "disco", 116, 0.81, 0.86, 2013),
@@ -59,7 +61,9 @@ DEMO_SONGS: list[tuple[str, str, str | None, float | None, float | None, float |
     ("Untitled Voice Memo", "Bob's Cousin", None, None, None, None, None),
 ]
 
-NIGHT_SONGS: list[tuple[str, str, str | None, float | None, float | None, float | None, int | None]] = [
+NIGHT_SONGS: list[
+    tuple[str, str, str | None, float | None, float | None, float | None, int | None]
+] = [
     ("Nightcall", "Kavinsky", "electronic", 91, 0.72, 0.11, 2010),
     ("Teardrop", "Massive Attack", "electronic", 77, 0.41, 0.12, 1998),
     ("Glory Box", "Portishead", "electronic", 118, 0.35, 0.23, 1994),
@@ -85,7 +89,9 @@ NIGHT_SONGS: list[tuple[str, str, str | None, float | None, float | None, float 
 ]
 
 
-def _metadata(row: tuple[str, str, str | None, float | None, float | None, float | None, int | None]) -> dict[str, object]:
+def _metadata(
+    row: tuple[str, str, str | None, float | None, float | None, float | None, int | None],
+) -> dict[str, object]:
     _, _, genre, tempo, energy, valence, year = row
     meta = {"genre": genre, "tempo_bpm": tempo, "energy": energy, "valence": valence, "year": year}
     return {k: v for k, v in meta.items() if v is not None}
@@ -100,7 +106,9 @@ async def seed(pool: asyncpg.Pool) -> None:
         )
         for gid, (name, members) in GROUPS.items():
             await conn.execute(
-                "INSERT INTO groups (id, name) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING", gid, name
+                "INSERT INTO groups (id, name) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+                gid,
+                name,
             )
             await conn.executemany(
                 "INSERT INTO members (group_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -115,24 +123,42 @@ async def seed(pool: asyncpg.Pool) -> None:
                 " VALUES ($1, $2, $3, $4, $5, now() - make_interval(secs => $6), $7)"
                 " ON CONFLICT (id) DO NOTHING",
                 [
-                    (f"{gid}-{i + 1:02d}", gid, r[0], r[1], adders[i % len(adders)],
-                     float(len(rows) - i), _metadata(r))
+                    (
+                        f"{gid}-{i + 1:02d}",
+                        gid,
+                        r[0],
+                        r[1],
+                        adders[i % len(adders)],
+                        float(len(rows) - i),
+                        _metadata(r),
+                    )
                     for i, r in enumerate(rows)
                 ],
             )
 
 
 async def create_group(
-    pool: asyncpg.Pool, group: str, members: list[str], songs: int = 0, name: str | None = None
+    pool: asyncpg.Pool,
+    group: str,
+    members: list[str],
+    songs: int = 0,
+    name: str | None = None,
+    unique_titles: bool = False,
 ) -> list[str]:
-    """Create a group with members and ``songs`` songs drawn from the demo list (tests, benches)."""
+    """Create a group with members and ``songs`` songs drawn from the demo list (tests, benches).
+
+    With ``unique_titles`` no other group shares a track, so no analysis is cached yet.
+    """
+    suffix = f" - {group}" if unique_titles else ""
     async with pool.acquire() as conn, conn.transaction():
         await conn.executemany(
             "INSERT INTO users (id, name) VALUES ($1, $1) ON CONFLICT (id) DO NOTHING",
             [(m,) for m in members],
         )
         await conn.execute(
-            "INSERT INTO groups (id, name) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING", group, name or group
+            "INSERT INTO groups (id, name) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+            group,
+            name or group,
         )
         await conn.executemany(
             "INSERT INTO members (group_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -145,10 +171,17 @@ async def create_group(
             " VALUES ($1, $2, $3, $4, $5, now() - make_interval(secs => $6), $7)"
             " ON CONFLICT (id) DO NOTHING",
             [
-                (ids[i], group, f"{pool_rows[i % len(pool_rows)][0]}"
-                 + (f" (take {i // len(pool_rows) + 1})" if i >= len(pool_rows) else ""),
-                 pool_rows[i % len(pool_rows)][1], members[0], float(songs - i),
-                 _metadata(pool_rows[i % len(pool_rows)]))
+                (
+                    ids[i],
+                    group,
+                    f"{pool_rows[i % len(pool_rows)][0]}"
+                    + (f" (take {i // len(pool_rows) + 1})" if i >= len(pool_rows) else "")
+                    + suffix,
+                    pool_rows[i % len(pool_rows)][1],
+                    members[0],
+                    float(songs - i),
+                    _metadata(pool_rows[i % len(pool_rows)]),
+                )
                 for i in range(songs)
             ],
         )

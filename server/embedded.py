@@ -11,8 +11,8 @@ import fcntl
 import json
 import logging
 import os
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +73,7 @@ def start_postgres(data_dir: Path) -> str:
         pgdata = data_dir / "pg"
         if pgdata.exists():
             _prune_dead_pids(pgdata)
-        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
     _handles["pg"] = server
     url = str(server.get_uri())
     log.info("embedded PostgreSQL ready under %s", pgdata)

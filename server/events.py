@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
-import redis.exceptions
+from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def ephemeral(group: str, type_: str, **fields: Any) -> Event:
 
 
 async def publish(redis: aioredis.Redis, events: Iterable[Event]) -> None:
-    """Publish committed events. Failure is soft: the events are in PostgreSQL and gaps get filled."""
+    """Publish committed events; failure is soft (they are in PostgreSQL and gaps get filled)."""
     try:
         async with redis.pipeline(transaction=False) as pipe:
             n = 0
@@ -77,7 +77,7 @@ async def publish(redis: aioredis.Redis, events: Iterable[Event]) -> None:
                 n += 1
             if n:
                 await pipe.execute()
-    except (redis.exceptions.RedisError, OSError) as err:
+    except (RedisError, OSError) as err:
         log.warning("publish failed (%s); subscribers will fill the gap from PostgreSQL", err)
 
 

@@ -33,7 +33,9 @@ async def require_member(db: asyncpg.Pool | asyncpg.Connection, group: str, user
 async def is_member(db: asyncpg.Pool | asyncpg.Connection, group: str, user: str) -> bool:
     return bool(
         await db.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM members WHERE group_id = $1 AND user_id = $2)", group, user
+            "SELECT EXISTS (SELECT 1 FROM members WHERE group_id = $1 AND user_id = $2)",
+            group,
+            user,
         )
     )
 

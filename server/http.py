@@ -24,9 +24,16 @@ from .ws import json_error
 log = logging.getLogger(__name__)
 
 STATUS = {
-    "bad_request": 400, "unknown_type": 400, "unauthorized": 401, "forbidden": 403,
-    "not_found": 404, "conflict": 409, "too_large": 413, "rate_limited": 429,
-    "unavailable": 503, "internal": 500,
+    "bad_request": 400,
+    "unknown_type": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "conflict": 409,
+    "too_large": 413,
+    "rate_limited": 429,
+    "unavailable": 503,
+    "internal": 500,
 }
 CLIENT_DIR = Path(__file__).resolve().parent.parent / "client_demo"
 routes = web.RouteTableDef()
@@ -36,7 +43,8 @@ routes = web.RouteTableDef()
 async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """Every refusal is JSON with success, error and code; never a traceback."""
     try:
-        return await handler(request)
+        response: web.StreamResponse = await handler(request)
+        return response
     except ProtocolError as err:
         resp = json_error(STATUS[err.code], err.code, err.message)
         if err.retry_after_s is not None:
@@ -44,10 +52,12 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
         return resp
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "application/json":
-            code = {404: "not_found", 405: "bad_request", 413: "too_large"}.get(exc.status, "bad_request")
+            code = {404: "not_found", 405: "bad_request", 413: "too_large"}.get(
+                exc.status, "bad_request"
+            )
             return json_error(exc.status, code, exc.reason)
         raise
-    except (OSError, asyncio.TimeoutError) as err:
+    except (TimeoutError, OSError) as err:
         log.warning("backend unavailable: %r", err)
         return json_error(503, "unavailable", "a backend is unavailable; retry")
     except Exception as err:
@@ -249,7 +259,7 @@ def _sse(data: bytes) -> bytes:
     lines = b"event: " + head["type"].encode() + b"\n"
     if seq is not None:
         lines = b"id: %d\n" % seq + lines
-    return lines + b"data: " + data + b"\n\n"
+    return bytes(lines + b"data: " + data + b"\n\n")
 
 
 @routes.post("/api/demo/token")
@@ -282,8 +292,12 @@ async def readyz(request: web.Request) -> web.Response:
         problems["redis"] = type(err).__name__
     if problems:
         return web.json_response(
-            {"success": False, "error": f"not ready: {', '.join(problems)}", "code": "unavailable",
-             "failed": problems},
+            {
+                "success": False,
+                "error": f"not ready: {', '.join(problems)}",
+                "code": "unavailable",
+                "failed": problems,
+            },
             status=503,
         )
     return web.json_response({"ok": True})

@@ -88,9 +88,10 @@ class Hub:
                 await self.pubsub.subscribe(events.channel(group))
                 await asyncio.wait_for(feed.confirmed.wait(), timeout)
                 # Anything published before this read is already counted in last_seq.
-                feed.last_seq = await self.pool.fetchval(
-                    "SELECT last_seq FROM groups WHERE id = $1", group
-                ) or 0
+                feed.last_seq = (
+                    await self.pool.fetchval("SELECT last_seq FROM groups WHERE id = $1", group)
+                    or 0
+                )
                 feed.ready.set()
             else:
                 await asyncio.wait_for(feed.ready.wait(), timeout)
@@ -136,7 +137,7 @@ class Hub:
         if ps is not None:
             try:
                 # Closing a pub/sub connection to a dead server can hang: bound it.
-                await asyncio.wait_for(ps.aclose(), 2)
+                await asyncio.wait_for(ps.aclose(), 2)  # type: ignore[no-untyped-call]
             except Exception as err:  # noqa: BLE001
                 log.debug("closing pubsub: %r", err)
 

@@ -37,7 +37,9 @@ class Lease:
 def job_object(r: Mapping[str, Any]) -> dict[str, Any]:
     """The job as the protocol shows it (PROTOCOL.md §3)."""
     total, done = r["total"], r["done"]
-    percent = 100.0 if r["status"] == "completed" else (round(100 * done / total, 1) if total else 0.0)
+    percent = (
+        100.0 if r["status"] == "completed" else (round(100 * done / total, 1) if total else 0.0)
+    )
     return {
         "id": str(r["id"]),
         "group": r["group_id"],
@@ -155,7 +157,9 @@ async def cancel(pool: asyncpg.Pool, job: str, by: str) -> tuple[dict[str, Any],
     return obj, [ev]
 
 
-async def claim(pool: asyncpg.Pool, owner: str, lease_s: float) -> tuple[Lease, asyncpg.Record, list[Event]] | None:
+async def claim(
+    pool: asyncpg.Pool, owner: str, lease_s: float
+) -> tuple[Lease, asyncpg.Record, list[Event]] | None:
     """Take the oldest runnable job, if any, under a lease."""
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
@@ -184,7 +188,9 @@ _FENCE = (
 )
 
 
-async def _fenced_update(conn: asyncpg.Connection, lease: Lease, sets: str, *args: Any) -> asyncpg.Record:
+async def _fenced_update(
+    conn: asyncpg.Connection, lease: Lease, sets: str, *args: Any
+) -> asyncpg.Record:
     row = await conn.fetchrow(
         f"UPDATE jobs SET {sets}{',' if sets else ''}{_FENCE} RETURNING *",
         uuid.UUID(lease.job),
@@ -205,12 +211,22 @@ async def renew(pool: asyncpg.Pool, lease: Lease) -> None:
 
 
 async def progress(
-    pool: asyncpg.Pool, lease: Lease, stage: str, done: int, total: int, message: str, eta_s: float | None
+    pool: asyncpg.Pool,
+    lease: Lease,
+    stage: str,
+    done: int,
+    total: int,
+    message: str,
+    eta_s: float | None,
 ) -> list[Event]:
     percent = round(100 * done / total, 1) if total else 100.0
     fields: dict[str, Any] = {
-        "job": lease.job, "stage": stage, "done": done, "total": total,
-        "percent": percent, "message": message,
+        "job": lease.job,
+        "stage": stage,
+        "done": done,
+        "total": total,
+        "percent": percent,
+        "message": message,
     }
     if eta_s is not None:
         fields["eta_s"] = round(eta_s, 1)
@@ -219,10 +235,14 @@ async def progress(
         return [await events.append(conn, lease.group, "job.progress", **fields)]
 
 
-async def partial(pool: asyncpg.Pool, lease: Lease, songs: Sequence[Mapping[str, Any]]) -> list[Event]:
+async def partial(
+    pool: asyncpg.Pool, lease: Lease, songs: Sequence[Mapping[str, Any]]
+) -> list[Event]:
     async with pool.acquire() as conn, conn.transaction():
         await _fenced_update(conn, lease, "")
-        return [await events.append(conn, lease.group, "job.partial", job=lease.job, songs=list(songs))]
+        return [
+            await events.append(conn, lease.group, "job.partial", job=lease.job, songs=list(songs))
+        ]
 
 
 async def complete(
@@ -255,7 +275,8 @@ async def complete(
         present = set(current)
         order = [s for s in order if s in present]
         cats = [
-            {"name": c["name"], "songs": [s for s in c["songs"] if s in present]} for c in categories
+            {"name": c["name"], "songs": [s for s in c["songs"] if s in present]}
+            for c in categories
         ]
         cats = [c for c in cats if c["songs"]]
         placed = set(order)
@@ -296,7 +317,7 @@ async def complete(
 
 def backoff_s(attempt: int, base: float = 1.0, cap: float = 30.0) -> float:
     """Exponential backoff with full jitter."""
-    return random.uniform(0.5, 1.0) * min(cap, base * 2 ** (attempt - 1))
+    return float(random.uniform(0.5, 1.0) * min(cap, base * 2 ** (attempt - 1)))
 
 
 async def fail_or_retry(
@@ -315,23 +336,56 @@ async def fail_or_retry(
                 delay,
             )
             ev = await events.append(
-                conn, lease.group, "job.retrying",
-                job=lease.job, attempt=lease.attempt, retry_in_s=round(delay, 2), error=error,
+                conn,
+                lease.group,
+                "job.retrying",
+                job=lease.job,
+                attempt=lease.attempt,
+                retry_in_s=round(delay, 2),
+                error=error,
             )
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, lease.group)
         else:
             row = await _fenced_update(
                 conn,
                 lease,
-                "status = 'failed', error = $5, lease_owner = NULL, finished_at = clock_timestamp()",
+                "status = 'failed', error = $5, lease_owner = NULL,"
+                " finished_at = clock_timestamp()",
                 error,
             )
             ev = await events.append(conn, lease.group, "job.failed", job=job_object(row))
     return job_object(row), [ev]
 
 
+async def hand_back(pool: asyncpg.Pool, lease: Lease) -> list[Event]:
+    """Give a running job back to the queue at once (worker shutting down); not a failed attempt."""
+    error = {
+        "code": "worker_shutdown",
+        "message": "the worker running this sort is restarting; another one resumes it",
+        "retryable": True,
+    }
+    async with pool.acquire() as conn, conn.transaction():
+        await _fenced_update(
+            conn,
+            lease,
+            "status = 'retrying', attempt = attempt - 1, lease_owner = NULL,"
+            " run_after = clock_timestamp()",
+        )
+        ev = await events.append(
+            conn,
+            lease.group,
+            "job.retrying",
+            job=lease.job,
+            attempt=lease.attempt,
+            retry_in_s=0.0,
+            error=error,
+        )
+        await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, lease.group)
+    return [ev]
+
+
 async def requeue_expired(pool: asyncpg.Pool, max_attempts: int) -> list[Event]:
-    """Jobs whose worker stopped renewing its lease go back to the queue (or fail when out of tries)."""
+    """Requeue jobs whose worker stopped renewing its lease (or fail them when out of tries)."""
     out: list[Event] = []
     error = {
         "code": "worker_lost",
@@ -345,14 +399,20 @@ async def requeue_expired(pool: asyncpg.Pool, max_attempts: int) -> list[Event]:
         )
         for r in rows:
             if r["attempt"] >= max_attempts:
-                final = {**error, "message": f"the sort's worker stopped responding {r['attempt']} times", "retryable": False}
+                final = {
+                    **error,
+                    "message": f"the sort's worker stopped responding {r['attempt']} times",
+                    "retryable": False,
+                }
                 row = await conn.fetchrow(
                     "UPDATE jobs SET status = 'failed', error = $2, lease_owner = NULL,"
                     " finished_at = clock_timestamp() WHERE id = $1 RETURNING *",
                     r["id"],
                     final,
                 )
-                out.append(await events.append(conn, r["group_id"], "job.failed", job=job_object(row)))
+                out.append(
+                    await events.append(conn, r["group_id"], "job.failed", job=job_object(row))
+                )
             else:
                 await conn.execute(
                     "UPDATE jobs SET status = 'retrying', error = $2, lease_owner = NULL,"
@@ -362,8 +422,13 @@ async def requeue_expired(pool: asyncpg.Pool, max_attempts: int) -> list[Event]:
                 )
                 out.append(
                     await events.append(
-                        conn, r["group_id"], "job.retrying",
-                        job=str(r["id"]), attempt=r["attempt"], retry_in_s=0.0, error=error,
+                        conn,
+                        r["group_id"],
+                        "job.retrying",
+                        job=str(r["id"]),
+                        attempt=r["attempt"],
+                        retry_in_s=0.0,
+                        error=error,
                     )
                 )
             log.warning("job %s lost its worker (attempt %d)", r["id"], r["attempt"])

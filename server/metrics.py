@@ -12,9 +12,7 @@ class Metrics:
         self.connections = Gauge("smartsort_ws_connections", "Open WebSockets", registry=r)
         self.messages_in = Counter("smartsort_ws_messages_in", "Client frames received", registry=r)
         self.frames_out = Counter("smartsort_ws_frames_out", "Frames sent to sockets", registry=r)
-        self.errors_out = Counter(
-            "smartsort_ws_errors", "Error frames sent", ["code"], registry=r
-        )
+        self.errors_out = Counter("smartsort_ws_errors", "Error frames sent", ["code"], registry=r)
         self.slow_closes = Counter(
             "smartsort_ws_slow_closes", "Sockets closed with 1013 (fell behind)", registry=r
         )

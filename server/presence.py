@@ -10,8 +10,8 @@ import uuid
 from collections import Counter
 
 import redis.asyncio as aioredis
-import redis.exceptions
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from . import events
 
@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 
 TTL_S = 30.0
 REFRESH_S = 10.0
+
+
+def _name(member: object) -> str:
+    return member.decode() if isinstance(member, bytes) else str(member)
 
 
 def _key(group: str) -> str:
@@ -39,16 +43,17 @@ class Presence:
     async def online(self, group: str) -> list[str]:
         try:
             members = await self.redis.zrangebyscore(_key(group), time.time(), "+inf")
-        except (redis.exceptions.RedisError, OSError):
+        except (RedisError, OSError):
             members = []
-        users = {m.decode().rpartition("|")[0] for m in members}
+        users = {_name(m).rpartition("|")[0] for m in members}
         users.update(u for (g, u), n in self.local.items() if g == group and n > 0)
         return sorted(users)
 
     async def _others(self, group: str, user: str) -> bool:
         members = await self.redis.zrangebyscore(_key(group), time.time(), "+inf")
         mine = self._member(user)
-        return any(m.decode().rpartition("|")[0] == user and m.decode() != mine for m in members)
+        names = [_name(m) for m in members]
+        return any(n.rpartition("|")[0] == user and n != mine for n in names)
 
     async def enter(self, group: str, user: str) -> None:
         self.local[(group, user)] += 1
@@ -61,7 +66,7 @@ class Presence:
                 await events.publish(
                     self.redis, [events.ephemeral(group, "presence.joined", user=user)]
                 )
-        except (redis.exceptions.RedisError, OSError) as err:
+        except (RedisError, OSError) as err:
             log.warning("presence update failed: %r", err)
 
     async def leave(self, group: str, user: str) -> None:
@@ -76,7 +81,7 @@ class Presence:
                 await events.publish(
                     self.redis, [events.ephemeral(group, "presence.left", user=user)]
                 )
-        except (redis.exceptions.RedisError, OSError) as err:
+        except (RedisError, OSError) as err:
             log.warning("presence update failed: %r", err)
 
     async def refresh_forever(self) -> None:
@@ -90,7 +95,7 @@ class Presence:
                         pipe.zadd(_key(group), {self._member(user): now + TTL_S})
                         pipe.zremrangebyscore(_key(group), "-inf", now)
                     await pipe.execute()
-            except (redis.exceptions.RedisError, OSError) as err:
+            except (RedisError, OSError) as err:
                 log.warning("presence refresh failed: %r", err)
 
 

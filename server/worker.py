@@ -37,7 +37,9 @@ class JobError(Exception):
 class Reporter:
     """Appends and publishes a job's events; progress is throttled, stage ends are not."""
 
-    def __init__(self, pool: asyncpg.Pool, redis: aioredis.Redis, lease: Lease, interval_s: float) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, redis: aioredis.Redis, lease: Lease, interval_s: float
+    ) -> None:
         self.pool, self.redis, self.lease, self.interval_s = pool, redis, lease, interval_s
         self.last_sent = 0.0
         self.stage_started: dict[str, float] = {}
@@ -52,7 +54,9 @@ class Reporter:
             return
         self.last_sent = now
         eta = (now - started) / done * (total - done) if 0 < done < total else None
-        await self.emit(await jobs.progress(self.pool, self.lease, stage, done, total, message, eta))
+        await self.emit(
+            await jobs.progress(self.pool, self.lease, stage, done, total, message, eta)
+        )
 
     async def partial(self, songs: list[dict[str, Any]]) -> None:
         await self.emit(await jobs.partial(self.pool, self.lease, songs))
@@ -93,8 +97,14 @@ async def run_pipeline(
     cache = {r["track_key"]: r["analysis"] for r in cached_rows}
     analyses: dict[str, Any] = {s.id: cache[keys[s.id]] for s in songs if keys[s.id] in cache}
     todo = [s for s in songs if s.id not in analyses]
-    stats = {"songs": total, "analysed": 0, "cached": len(analyses), "llm_calls": 0,
-             "prompt_tokens": 0, "completion_tokens": 0}
+    stats = {
+        "songs": total,
+        "analysed": 0,
+        "cached": len(analyses),
+        "llm_calls": 0,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+    }
     done = len(analyses)
     size = settings.analysis_batch_size
     await rep.progress("analysis", done, total, f"{done} of {total} songs already analysed")
@@ -108,7 +118,9 @@ async def run_pipeline(
         outcome = await analyzer.analyse(batch)
         missing = [s.id for s in batch if s.id not in outcome.analyses]
         if missing:
-            raise JobError("analysis_incomplete", f"no analysis came back for {len(missing)} songs", True)
+            raise JobError(
+                "analysis_incomplete", f"no analysis came back for {len(missing)} songs", True
+            )
         await pool.executemany(
             "INSERT INTO song_analyses (track_key, analyzer, analysis) VALUES ($1, $2, $3)"
             " ON CONFLICT (track_key, analyzer) DO UPDATE SET analysis = EXCLUDED.analysis",
@@ -150,23 +162,44 @@ async def execute(
         stats = job["result"]["stats"]
         log.info(
             "job %s done in %.2fs (%d songs, %d analysed, %d cached, %d LLM calls)",
-            lease.job[:8], time.monotonic() - t0, stats["songs"], stats["analysed"],
-            stats["cached"], stats["llm_calls"],
+            lease.job[:8],
+            time.monotonic() - t0,
+            stats["songs"],
+            stats["analysed"],
+            stats["cached"],
+            stats["llm_calls"],
         )
     except LeaseLost:
-        log.info("job %s: lease lost (cancelled or taken over); stopping without writing", lease.job[:8])
+        log.info(
+            "job %s: lease lost (cancelled or taken over); stopping without writing", lease.job[:8]
+        )
     except asyncio.CancelledError:
+        # Shutting down: hand the job back so another worker resumes it now, not after the lease.
+        try:
+            await asyncio.wait_for(asyncio.shield(_hand_back(pool, redis, lease)), 5)
+        except Exception as err:  # noqa: BLE001 - the lease sweep is the fallback
+            log.warning(
+                "handing back job %s failed (%r); its lease will expire", lease.job[:8], err
+            )
         raise
     except Exception as err:  # noqa: BLE001 - every failure becomes a retry or a failed job
         failure = err if isinstance(err, JobError) else _classify(err)
         if not isinstance(err, JobError):
             log.exception("job %s attempt %d failed", lease.job[:8], lease.attempt)
         try:
-            job, evs = await jobs.fail_or_retry(pool, lease, failure.as_dict(), settings.max_attempts)
+            job, evs = await jobs.fail_or_retry(
+                pool, lease, failure.as_dict(), settings.max_attempts
+            )
             await events.publish(redis, evs)
             if job["status"] == "failed":
                 METRICS.jobs_finished.labels("failed").inc()
-            log.warning("job %s attempt %d: %s -> %s", lease.job[:8], lease.attempt, failure.message, job["status"])
+            log.warning(
+                "job %s attempt %d: %s -> %s",
+                lease.job[:8],
+                lease.attempt,
+                failure.message,
+                job["status"],
+            )
         except LeaseLost:
             pass
     finally:
@@ -177,9 +210,23 @@ async def execute(
             pass
 
 
+async def _hand_back(pool: asyncpg.Pool, redis: aioredis.Redis, lease: Lease) -> None:
+    try:
+        await events.publish(redis, await jobs.hand_back(pool, lease))
+        log.info("job %s handed back for another worker", lease.job[:8])
+    except LeaseLost:
+        pass
+
+
 def _classify(err: Exception) -> JobError:
-    if isinstance(err, OSError | asyncio.TimeoutError | asyncpg.InterfaceError
-                  | asyncpg.PostgresConnectionStatusError | asyncpg.CannotConnectNowError):
+    if isinstance(
+        err,
+        OSError
+        | asyncio.TimeoutError
+        | asyncpg.InterfaceError
+        | asyncpg.PostgresConnectionStatusError
+        | asyncpg.CannotConnectNowError,
+    ):
         return JobError("unavailable", "a backend was unavailable; the sort will be retried", True)
     return JobError("internal", "the sort failed unexpectedly", False)
 
@@ -198,7 +245,9 @@ async def _renew(pool: asyncpg.Pool, lease: Lease) -> None:
 class WorkerPool:
     """N worker coroutines sharing one LISTEN connection that wakes them when jobs arrive."""
 
-    def __init__(self, dsn: str, pool: asyncpg.Pool, redis: aioredis.Redis, settings: Settings, n: int) -> None:
+    def __init__(
+        self, dsn: str, pool: asyncpg.Pool, redis: aioredis.Redis, settings: Settings, n: int
+    ) -> None:
         self.dsn, self.pool, self.redis, self.settings, self.n = dsn, pool, redis, settings, n
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.wake = asyncio.Event()
@@ -206,9 +255,13 @@ class WorkerPool:
         self.tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self.tasks = [asyncio.create_task(self._listen(), name="worker-listen"),
-                      asyncio.create_task(self._sweep(), name="worker-sweep")]
-        self.tasks += [asyncio.create_task(self.run_worker(i), name=f"worker-{i}") for i in range(self.n)]
+        self.tasks = [
+            asyncio.create_task(self._listen(), name="worker-listen"),
+            asyncio.create_task(self._sweep(), name="worker-sweep"),
+        ]
+        self.tasks += [
+            asyncio.create_task(self.run_worker(i), name=f"worker-{i}") for i in range(self.n)
+        ]
         log.info("%d worker coroutines started as %s", self.n, self.owner)
 
     async def stop(self) -> None:
@@ -273,5 +326,10 @@ class WorkerPool:
                 continue
             lease, row, evs = claimed
             await events.publish(self.redis, evs)
-            log.info("job %s started (attempt %d) for group %s", lease.job[:8], lease.attempt, lease.group)
+            log.info(
+                "job %s started (attempt %d) for group %s",
+                lease.job[:8],
+                lease.attempt,
+                lease.group,
+            )
             await execute(self.pool, self.redis, self.settings, lease)

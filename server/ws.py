@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 SEND_TIMEOUT_S = 10.0
 MAX_REPLAY = 10_000
-CONNECTIONS_KEY = web.AppKey("connections", set)
 
 
 def json_error(status: int, code: str, message: str) -> web.Response:
@@ -50,13 +49,28 @@ class Connection:
     """One socket: its bounded send queue, its joined groups and its rate limit."""
 
     __slots__ = (
-        "ws", "user", "app", "queue", "wake", "cursors", "close_code", "max_queue",
-        "tokens", "rate", "last_refill", "strikes", "transport", "__weakref__",
+        "ws",
+        "user",
+        "app",
+        "queue",
+        "wake",
+        "cursors",
+        "close_code",
+        "max_queue",
+        "tokens",
+        "rate",
+        "last_refill",
+        "strikes",
+        "transport",
+        "__weakref__",
     )
 
     def __init__(
-        self, app: web.Application, ws: web.WebSocketResponse, user: str,
-        transport: asyncio.BaseTransport | None,
+        self,
+        app: web.Application,
+        ws: web.WebSocketResponse,
+        user: str,
+        transport: asyncio.Transport | None,
     ) -> None:
         settings = app[SETTINGS_KEY]
         self.app = app
@@ -140,6 +154,9 @@ class Connection:
             return None
         self.strikes += 1
         return (1 - self.tokens) / self.rate
+
+
+CONNECTIONS_KEY: web.AppKey[set[Connection]] = web.AppKey("connections")
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
@@ -233,7 +250,10 @@ async def _read_loop(conn: Connection, writer: asyncio.Task[None]) -> None:
                 continue
             await _handle(conn, msg.data)
         elif msg.type == WSMsgType.BINARY:
-            _error(conn, ProtocolError("bad_request", "binary frames are not supported; send JSON text"))
+            _error(
+                conn,
+                ProtocolError("bad_request", "binary frames are not supported; send JSON text"),
+            )
         elif msg.type == WSMsgType.ERROR:
             # aiohttp has already closed the socket, with 1009 for a frame over max_msg_size.
             break
@@ -254,7 +274,7 @@ async def _handle(conn: Connection, raw: bytes | str) -> None:
         if err.ref is None and ref is not None:
             err.ref = ref
         _error(conn, err)
-    except (OSError, asyncio.TimeoutError) as err:
+    except (TimeoutError, OSError) as err:
         log.warning("backend unavailable for %s: %r", conn.user, err)
         _error(conn, ProtocolError("unavailable", "a backend is unavailable; retry", ref=ref))
     except Exception as err:

@@ -79,9 +79,11 @@ MakeGroup = Callable[..., Awaitable[tuple[str, list[str]]]]
 def make_group(pool: asyncpg.Pool) -> MakeGroup:
     """Create a fresh group: returns (group id, song ids). Members get unique-per-test names."""
 
-    async def create(members: list[str], songs: int = 12) -> tuple[str, list[str]]:
+    async def create(
+        members: list[str], songs: int = 12, unique: bool = False
+    ) -> tuple[str, list[str]]:
         gid = f"g-{uuid.uuid4().hex[:10]}"
-        ids = await demo.create_group(pool, gid, members, songs)
+        ids = await demo.create_group(pool, gid, members, songs, unique_titles=unique)
         return gid, ids
 
     return create

@@ -75,8 +75,11 @@ class Socket:
 
     def durable(self, group: str | None = None) -> list[dict[str, Any]]:
         return [
-            f for f in self.frames
-            if "seq" in f and f["type"] not in ("joined",) and (group is None or f["group"] == group)
+            f
+            for f in self.frames
+            if "seq" in f
+            and f["type"] not in ("joined",)
+            and (group is None or f["group"] == group)
         ]
 
     async def close(self) -> None:
@@ -101,8 +104,11 @@ class ServerProcess:
 
     async def start(self, ready_text: str = "listening on", timeout: float = 60) -> None:
         self.proc = subprocess.Popen(
-            self.args, cwd=self.cwd, env=self.env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            self.args,
+            cwd=self.cwd,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # so stop() reaches children too (make run -> python)
         )
         assert self.proc.stdout is not None

@@ -33,14 +33,19 @@ async def test_three_members_see_the_same_sort(client, connect, make_group):
     assert {"job.progress", "job.partial", "playlist.updated"} <= set(types)
     stages = [f["stage"] for f in streams[0] if f["type"] == "job.progress"]
     assert stages.index("metadata") < stages.index("analysis") < stages.index("saving")
-    partial_songs = [s["song"] for f in streams[0] if f["type"] == "job.partial" for s in f["songs"]]
+    partial_songs = [
+        s["song"] for f in streams[0] if f["type"] == "job.partial" for s in f["songs"]
+    ]
     assert sorted(partial_songs) == sorted(songs)
 
     result = streams[0][-1]["job"]["result"]
     assert streams[0][-1]["job"]["id"] == job_id
     assert sorted(result["order"]) == sorted(songs)
     assert sorted(s for c in result["categories"] for s in c["songs"]) == sorted(songs)
-    assert result["stats"]["songs"] == 60 and result["stats"]["analysed"] + result["stats"]["cached"] == 60
+    assert (
+        result["stats"]["songs"] == 60
+        and result["stats"]["analysed"] + result["stats"]["cached"] == 60
+    )
 
     resp = await client.get(f"/api/groups/{group}/playlist", headers=auth("cat"))
     playlist = await resp.json()
@@ -113,8 +118,9 @@ async def test_idempotency_key_returns_the_same_job_whatever_its_state(client, c
     again = await s.request("sort", group=group, idempotency_key="k-1")
     assert again["job"]["id"] == first["job"]["id"] and again["deduplicated"] is True
     assert again["job"]["status"] == "cancelled"
-    resp = await client.post(f"/api/groups/{group}/smart-sort",
-                             headers={**auth("kim"), "Idempotency-Key": "k-1"})
+    resp = await client.post(
+        f"/api/groups/{group}/smart-sort", headers={**auth("kim"), "Idempotency-Key": "k-1"}
+    )
     assert (await resp.json())["job"]["id"] == first["job"]["id"]
     fresh = await s.request("sort", group=group, idempotency_key="k-2")
     assert fresh["job"]["id"] != first["job"]["id"] and fresh["deduplicated"] is False
@@ -137,15 +143,20 @@ async def test_members_never_receive_another_groups_events(connect, make_group):
 
 
 @pytest.mark.workers(0)
-async def test_songs_added_during_a_sort_are_kept(client, connect, make_group, aiohttp_client, app_factory):
+async def test_songs_added_during_a_sort_are_kept(
+    client, connect, make_group, aiohttp_client, app_factory
+):
     slow = await aiohttp_client(app_factory(workers=1, step_delay_s=0.3, analysis_batch_size=2))
     group, songs = await make_group(["ned"], songs=6)
     s = await connect("ned", tc=slow)
     await s.request("join", group=group)
     await s.request("sort", group=group)
     await s.until(lambda f: f["type"] == "job.partial")
-    resp = await slow.post(f"/api/groups/{group}/songs", headers=auth("ned"),
-                           json={"title": "Late Arrival", "artist": "Tardy"})
+    resp = await slow.post(
+        f"/api/groups/{group}/songs",
+        headers=auth("ned"),
+        json={"title": "Late Arrival", "artist": "Tardy"},
+    )
     assert resp.status == 201
     late = (await resp.json())["songs"][0]["id"]
     await slow.delete(f"/api/groups/{group}/songs/{songs[0]}", headers=auth("ned"))
@@ -154,3 +165,15 @@ async def test_songs_added_during_a_sort_are_kept(client, connect, make_group, a
     assert sorted(order) == sorted([*songs[1:], late])
     assert order[-1] == late
     assert done["job"]["result"]["categories"][-1] == {"name": "Just added", "songs": [late]}
+
+
+async def test_a_repeat_sort_pays_for_nothing_twice(connect, make_group):
+    group, _ = await make_group(["oz"], songs=30, unique=True)
+    s = await connect("oz")
+    await s.request("join", group=group)
+    await s.request("sort", group=group)
+    first = (await s.until(is_end))["job"]["result"]["stats"]
+    assert (first["analysed"], first["cached"]) == (30, 0)
+    await s.request("sort", group=group)
+    second = (await s.until(is_end))["job"]["result"]["stats"]
+    assert (second["analysed"], second["cached"]) == (0, 30)

@@ -34,14 +34,33 @@ async def test_old_front_end_reads_data_error_on_failure(client, make_group):
     group, _ = await make_group(["pat"])
     cases = [
         (client.post(f"/api/groups/{group}/smart-sort"), 401, "unauthorized"),
-        (client.post(f"/api/groups/{group}/smart-sort", headers=auth("stranger")), 403, "forbidden"),
+        (
+            client.post(f"/api/groups/{group}/smart-sort", headers=auth("stranger")),
+            403,
+            "forbidden",
+        ),
         (client.post("/api/groups/nope/smart-sort", headers=auth("pat")), 404, "not_found"),
-        (client.post(f"/api/groups/{group}/smart-sort", headers=auth("pat"), data=b"[1]"), 400, "bad_request"),
-        (client.post(f"/api/groups/{group}/smart-sort", headers=auth("pat"), data=b"{bad"), 400, "bad_request"),
+        (
+            client.post(f"/api/groups/{group}/smart-sort", headers=auth("pat"), data=b"[1]"),
+            400,
+            "bad_request",
+        ),
+        (
+            client.post(f"/api/groups/{group}/smart-sort", headers=auth("pat"), data=b"{bad"),
+            400,
+            "bad_request",
+        ),
         (client.get("/api/jobs/123", headers=auth("pat")), 404, "not_found"),
         (client.get("/api/nothing/here", headers=auth("pat")), 404, "not_found"),
-        (client.post(f"/api/groups/{group}/songs", headers=auth("pat"), data=io.BytesIO(b"x" * (1024 * 1024 + 10))),
-         413, "too_large"),
+        (
+            client.post(
+                f"/api/groups/{group}/songs",
+                headers=auth("pat"),
+                data=io.BytesIO(b"x" * (1024 * 1024 + 10)),
+            ),
+            413,
+            "too_large",
+        ),
     ]
     for request, status, code in cases:
         resp = await request
@@ -71,8 +90,12 @@ async def test_non_members_are_refused_on_every_route(client, make_group, connec
         body = await resp.json()
         assert resp.status == 404 and job not in str(body) and group not in str(body)
     m = await connect("mallory")
-    for kind, fields in (("join", {"group": group}), ("sort", {"group": group}),
-                         ("job.get", {"job": job}), ("cancel", {"job": job})):
+    for kind, fields in (
+        ("join", {"group": group}),
+        ("sort", {"group": group}),
+        ("job.get", {"job": job}),
+        ("cancel", {"job": job}),
+    ):
         reply = await m.request(kind, **fields)
         assert reply["type"] == "error" and reply["code"] in ("forbidden", "not_found")
         assert "snapshot" not in reply and "job" not in reply
@@ -84,10 +107,16 @@ async def test_cancel_and_recent_jobs(client, make_group):
     first = await (await client.post(f"/api/groups/{group}/smart-sort", headers=auth("rae"))).json()
     resp = await client.post(f"/api/jobs/{first['job']['id']}/cancel", headers=auth("sam"))
     assert resp.status == 200 and (await resp.json())["job"]["status"] == "cancelled"
-    second = await (await client.post(f"/api/groups/{group}/smart-sort", headers=auth("sam"))).json()
-    jobs = (await (await client.get(f"/api/groups/{group}/jobs?limit=5", headers=auth("rae"))).json())["jobs"]
+    second = await (
+        await client.post(f"/api/groups/{group}/smart-sort", headers=auth("sam"))
+    ).json()
+    jobs = (
+        await (await client.get(f"/api/groups/{group}/jobs?limit=5", headers=auth("rae"))).json()
+    )["jobs"]
     assert [j["id"] for j in jobs] == [second["job"]["id"], first["job"]["id"]]
-    one = (await (await client.get(f"/api/groups/{group}/jobs?limit=1", headers=auth("rae"))).json())["jobs"]
+    one = (
+        await (await client.get(f"/api/groups/{group}/jobs?limit=1", headers=auth("rae"))).json()
+    )["jobs"]
     assert len(one) == 1
     bad = await client.get(f"/api/groups/{group}/jobs?limit=0", headers=auth("rae"))
     assert bad.status == 400
@@ -97,23 +126,33 @@ async def test_songs_single_and_bulk_broadcast_one_event_each(client, connect, m
     group, _ = await make_group(["tia"], songs=0)
     s = await connect("tia")
     await s.request("join", group=group)
-    resp = await client.post(f"/api/groups/{group}/songs", headers=auth("tia"),
-                             json={"title": "Solo", "artist": "One", "metadata": {"genre": "jazz"}})
+    resp = await client.post(
+        f"/api/groups/{group}/songs",
+        headers=auth("tia"),
+        json={"title": "Solo", "artist": "One", "metadata": {"genre": "jazz"}},
+    )
     assert resp.status == 201
     solo = (await resp.json())["songs"][0]
     assert solo["title"] == "Solo" and solo["added_by"] == "tia" and solo["category"] is None
     ev = await s.until(lambda f: f["type"] == "playlist.updated")
     assert ev["change"] == "song_added" and ev["song"] == solo["id"] and ev["version"] == 1
     bulk = [{"title": f"T{i}", "artist": "Many"} for i in range(300)]
-    resp = await client.post(f"/api/groups/{group}/songs", headers=auth("tia"), json={"songs": bulk})
+    resp = await client.post(
+        f"/api/groups/{group}/songs", headers=auth("tia"), json={"songs": bulk}
+    )
     added = (await resp.json())["songs"]
     assert resp.status == 201 and [a["title"] for a in added] == [b["title"] for b in bulk]
     ev = await s.until(lambda f: f["type"] == "playlist.updated")
     assert ev["version"] == 2 and ev["songs"] == [a["id"] for a in added]
-    too_many = await client.post(f"/api/groups/{group}/songs", headers=auth("tia"),
-                                 json={"songs": [{"title": "x", "artist": "y"}] * 1001})
+    too_many = await client.post(
+        f"/api/groups/{group}/songs",
+        headers=auth("tia"),
+        json={"songs": [{"title": "x", "artist": "y"}] * 1001},
+    )
     assert too_many.status == 400
-    bad = await client.post(f"/api/groups/{group}/songs", headers=auth("tia"), json={"title": 5, "artist": "y"})
+    bad = await client.post(
+        f"/api/groups/{group}/songs", headers=auth("tia"), json={"title": 5, "artist": "y"}
+    )
     assert bad.status == 400 and "title" in (await bad.json())["error"]
     resp = await client.delete(f"/api/groups/{group}/songs/{solo['id']}", headers=auth("tia"))
     assert resp.status == 204
@@ -154,8 +193,10 @@ async def test_sse_streams_and_resumes_from_last_event_id(client, connect, make_
     assert [int(e["id"]) for e in streamed] == [f["seq"] for f in sock_events]
     assert [e["event"] for e in streamed] == [f["type"] for f in sock_events]
     resp.close()
-    resumed = await client.get(f"/api/groups/{group}/events",
-                               headers={**auth("uma"), "Last-Event-ID": str(sock_events[2]["seq"])})
+    resumed = await client.get(
+        f"/api/groups/{group}/events",
+        headers={**auth("uma"), "Last-Event-ID": str(sock_events[2]["seq"])},
+    )
     rest = await asyncio.wait_for(read_sse(resumed, len(sock_events) - 3), 20)
     assert [orjson.loads(e["data"]) for e in rest] == sock_events[3:]
     resumed.close()

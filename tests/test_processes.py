@@ -1,4 +1,4 @@
-"""Real processes: two web processes and a worker sharing embedded PostgreSQL and Redis; make run."""
+"""Real processes: web processes and workers sharing embedded PostgreSQL and Redis; make run."""
 
 from __future__ import annotations
 
@@ -19,8 +19,12 @@ pytestmark = pytest.mark.slow
 
 
 def process_env(data_dir: Path) -> dict[str, str]:
-    env = {"SMARTSORT_DATA_DIR": str(data_dir), "SMARTSORT_JWT_SECRET": SECRET,
-           "SMARTSORT_PROGRESS_INTERVAL_S": "0", "LOG_LEVEL": "INFO"}
+    env = {
+        "SMARTSORT_DATA_DIR": str(data_dir),
+        "SMARTSORT_JWT_SECRET": SECRET,
+        "SMARTSORT_PROGRESS_INTERVAL_S": "0",
+        "LOG_LEVEL": "INFO",
+    }
     # With URLs in the environment the processes use them; otherwise they share embedded servers.
     return env
 
@@ -37,8 +41,12 @@ async def test_two_web_processes_and_a_worker_share_one_database_and_redis(tmp_p
     data = tmp_path / "shared"
     env = process_env(data)
     pa, pb = free_port(), free_port()
-    web_a = ServerProcess(python_server("serve", "--port", str(pa), "--workers", "0", "--demo"), env)
-    web_b = ServerProcess(python_server("serve", "--port", str(pb), "--workers", "0", "--demo"), env)
+    web_a = ServerProcess(
+        python_server("serve", "--port", str(pa), "--workers", "0", "--demo"), env
+    )
+    web_b = ServerProcess(
+        python_server("serve", "--port", str(pb), "--workers", "0", "--demo"), env
+    )
     worker = ServerProcess(python_server("worker"), env)
     # All three start at once: embedded start-up and migrations must cope.
     await asyncio.gather(web_a.start(), web_b.start(), worker.start("worker process ready"))
@@ -82,8 +90,11 @@ def _redis_alive(data: Path) -> bool:
 async def test_make_run_serves_the_demo_from_a_fresh_checkout(tmp_path):
     clone = tmp_path / "checkout"
     files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-        text=True, check=True,
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     for f in files:
         if (ROOT / f).is_file():
@@ -91,8 +102,11 @@ async def test_make_run_serves_the_demo_from_a_fresh_checkout(tmp_path):
             shutil.copy2(ROOT / f, clone / f)
     venv = Path(os.environ.get("VIRTUAL_ENV") or Path(os.sys.executable).parent.parent)
     port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("DATABASE_URL", "REDIS_URL", "SMARTSORT_DATA_DIR", "SMARTSORT_JWT_SECRET")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "REDIS_URL", "SMARTSORT_DATA_DIR", "SMARTSORT_JWT_SECRET")
+    }
     # Reuse this test run's virtualenv: `-o` tells make its install stamp is up to date.
     proc = ServerProcess(
         ["make", "-o", f"{venv}/.installed", "run", f"VENV={venv}", f"PORT={port}"], env, cwd=clone
@@ -109,8 +123,10 @@ async def test_make_run_serves_the_demo_from_a_fresh_checkout(tmp_path):
             joined = await s.recv()
             assert joined["type"] == "joined" and joined["group"] == "demo"
             tok = re.search(r"token=([^&]+)", url).group(1)
-            resp = await session.get(f"http://127.0.0.1:{port}/api/groups/demo/playlist",
-                                     headers={"Authorization": f"Bearer {tok}"})
+            resp = await session.get(
+                f"http://127.0.0.1:{port}/api/groups/demo/playlist",
+                headers={"Authorization": f"Bearer {tok}"},
+            )
             assert len((await resp.json())["songs"]) >= 40
             page = await session.get(f"http://127.0.0.1:{port}/")
             assert page.status == 200
@@ -118,3 +134,49 @@ async def test_make_run_serves_the_demo_from_a_fresh_checkout(tmp_path):
     finally:
         await proc.stop()
     assert (clone / ".smartsort" / "pg").is_dir()  # the default data dir, inside the checkout
+
+
+async def test_sigterm_of_a_worker_hands_its_job_to_another(tmp_path, pool, make_group, backends):
+    group, songs = await make_group(["vic"], songs=20, unique=True)
+    env = {
+        "DATABASE_URL": backends.database_url,
+        "REDIS_URL": backends.redis_url,
+        "SMARTSORT_JWT_SECRET": SECRET,
+        "SMARTSORT_DATA_DIR": str(tmp_path),
+        "SMARTSORT_STEP_DELAY_S": "0.5",
+        "SMARTSORT_ANALYSIS_BATCH_SIZE": "2",
+        "SMARTSORT_PROGRESS_INTERVAL_S": "0",
+    }
+    port = free_port()
+    web = ServerProcess(python_server("serve", "--port", str(port), "--workers", "0"), env)
+    first = ServerProcess(python_server("worker"), env)
+    await asyncio.gather(web.start(), first.start("worker process ready"))
+    second = None
+    try:
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(
+                f"http://127.0.0.1:{port}/ws?token={token('vic')}&group={group}"
+            )
+            s = Socket(ws)
+            await s.recv()
+            await s.recv()
+            await s.request("sort", group=group)
+            await s.until(lambda f: f["type"] == "job.partial")
+            assert await first.stop() == 0
+            handed = await s.until(lambda f: f["type"] == "job.retrying")
+            assert handed["error"]["code"] == "worker_shutdown" and handed["retry_in_s"] == 0
+            second = ServerProcess(python_server("worker"), env)
+            await second.start("worker process ready")
+            restarted = await s.until(lambda f: f["type"] == "job.started")
+            assert restarted["attempt"] == 1
+            done = await s.until(lambda f: f["type"] in ("job.completed", "job.failed"))
+            assert done["type"] == "job.completed"
+            stats = done["job"]["result"]["stats"]
+            # Titles are unique to this group, so anything cached was paid by the first worker,
+            # and the second re-paid none of it.
+            assert stats["cached"] >= 2 and stats["cached"] + stats["analysed"] == 20
+            await ws.close()
+    finally:
+        await web.stop()
+        if second is not None:
+            await second.stop()

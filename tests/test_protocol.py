@@ -66,7 +66,10 @@ def test_a_valid_ref_is_kept_on_errors() -> None:
     err = refused(b'{"type":"join","ref":"abc"}')
     assert err.ref == "abc"
     assert err.frame() == {
-        "type": "error", "ref": "abc", "code": "bad_request", "message": "field 'group' is required"
+        "type": "error",
+        "ref": "abc",
+        "code": "bad_request",
+        "message": "field 'group' is required",
     }
 
 

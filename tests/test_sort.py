@@ -14,7 +14,11 @@ def demo_inputs() -> list[SongInput]:
 
 
 def test_analysis_uses_metadata_then_genre_then_neutral() -> None:
-    tagged = analyse_offline(SongInput("a", "T", "A", {"genre": "metal", "energy": 0.9, "valence": 0.2, "tempo_bpm": 180}))
+    tagged = analyse_offline(
+        SongInput(
+            "a", "T", "A", {"genre": "metal", "energy": 0.9, "valence": 0.2, "tempo_bpm": 180}
+        )
+    )
     assert (tagged["energy"], tagged["valence"], tagged["tempo_bpm"]) == (0.9, 0.2, 180)
     assert tagged["confidence"] == 1.0
     genre_only = analyse_offline(SongInput("b", "T", "A", {"genre": "Ambient"}))
@@ -22,7 +26,9 @@ def test_analysis_uses_metadata_then_genre_then_neutral() -> None:
     assert genre_only["confidence"] == 0.3
     bare = analyse_offline(SongInput("c", "T", "A", {}))
     assert 0.35 <= bare["energy"] <= 0.65 and bare["confidence"] == 0.0
-    weird = analyse_offline(SongInput("d", "T", "A", {"energy": "loud", "tempo_bpm": True, "valence": 7}))
+    weird = analyse_offline(
+        SongInput("d", "T", "A", {"energy": "loud", "tempo_bpm": True, "valence": 7})
+    )
     assert weird["valence"] == 1.0 and isinstance(weird["energy"], float)
 
 

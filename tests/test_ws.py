@@ -14,9 +14,12 @@ from .conftest import token
 
 async def test_hello_carries_user_protocol_and_limits(client, connect):
     ws = await client.ws_connect(f"/ws?token={token('alice')}")
-    hello = (await ws.receive_json())
+    hello = await ws.receive_json()
     assert hello == {
-        "type": "hello", "user": "alice", "protocol": 1, "heartbeat_s": 25.0,
+        "type": "hello",
+        "user": "alice",
+        "protocol": 1,
+        "heartbeat_s": 25.0,
         "limits": {"max_message_bytes": 65536, "messages_per_second": 20.0},
     }
     await ws.close()
@@ -37,9 +40,15 @@ async def test_bearer_header_authenticates(client):
     ],
 )
 async def test_bad_tokens_are_refused_before_the_upgrade(client, query, why):
-    resp = await client.get(f"/ws{query}", headers={"Connection": "Upgrade", "Upgrade": "websocket",
-                                                    "Sec-WebSocket-Version": "13",
-                                                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    resp = await client.get(
+        f"/ws{query}",
+        headers={
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        },
+    )
     assert resp.status == 401
     body = await resp.json()
     assert body["success"] is False and body["code"] == "unauthorized" and why in body["error"]
@@ -48,7 +57,11 @@ async def test_bad_tokens_are_refused_before_the_upgrade(client, query, why):
 async def test_token_signed_with_another_secret_or_alg_none_is_refused(client):
     import jwt
 
-    forged = jwt.encode({"sub": "alice", "exp": 4_000_000_000}, "another-secret-of-the-right-length-0123456789", algorithm="HS256")
+    forged = jwt.encode(
+        {"sub": "alice", "exp": 4_000_000_000},
+        "another-secret-of-the-right-length-0123456789",
+        algorithm="HS256",
+    )
     unsigned = jwt.encode({"sub": "alice", "exp": 4_000_000_000}, None, algorithm="none")
     for t in (forged, unsigned):
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:
@@ -85,7 +98,10 @@ async def test_join_leave_and_snapshot(connect, make_group):
     left = await b.request("leave", group=group)
     assert left == {"type": "left", "ref": left["ref"], "group": group}
     assert await a.until(lambda f: f["type"] == "presence.left") == {
-        "type": "presence.left", "group": group, "user": "m2"}
+        "type": "presence.left",
+        "group": group,
+        "user": "m2",
+    }
 
 
 async def test_join_by_query_string(client, make_group):
@@ -124,7 +140,11 @@ async def test_error_codes(connect, make_group, pool):
     group, _ = await make_group(["e1"])
     s = await connect("e1")
     await s.send("{nope")
-    assert (await s.recv()) == {"type": "error", "code": "bad_request", "message": "frame is not valid JSON"}
+    assert (await s.recv()) == {
+        "type": "error",
+        "code": "bad_request",
+        "message": "frame is not valid JSON",
+    }
     await s.send({"type": "teleport", "ref": "x"})
     assert (await s.recv())["code"] == "unknown_type"
     await s.send({"type": "join", "ref": 7})
@@ -132,10 +152,14 @@ async def test_error_codes(connect, make_group, pool):
     assert err["code"] == "bad_request" and "ref" not in err
     assert (await s.request("join", group="no-such-group"))["code"] == "not_found"
     assert (await s.request("join", group="demo-night"))["code"] == "not_found"
-    await pool.execute("INSERT INTO groups (id, name) VALUES ('closed-club', 'x') ON CONFLICT DO NOTHING")
+    await pool.execute(
+        "INSERT INTO groups (id, name) VALUES ('closed-club', 'x') ON CONFLICT DO NOTHING"
+    )
     assert (await s.request("join", group="closed-club"))["code"] == "forbidden"
     assert (await s.request("sort", group="closed-club"))["code"] == "forbidden"
-    assert (await s.request("job.get", job="00000000-0000-0000-0000-000000000000"))["code"] == "not_found"
+    assert (await s.request("job.get", job="00000000-0000-0000-0000-000000000000"))[
+        "code"
+    ] == "not_found"
     assert (await s.request("cancel", job="not-a-uuid"))["code"] == "not_found"
     await s.ws.send_bytes(b"\x00\x01")
     assert (await s.recv())["code"] == "bad_request"
@@ -168,7 +192,9 @@ async def test_expired_token_closes_the_socket_with_4401(client):
     assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == CLOSE_TOKEN_EXPIRED
 
 
-async def test_unavailable_when_redis_is_unreachable(aiohttp_client, app_factory, make_group, tmp_path):
+async def test_unavailable_when_redis_is_unreachable(
+    aiohttp_client, app_factory, make_group, tmp_path
+):
     group, _ = await make_group(["u1"])
     app = app_factory(workers=0, redis_url=f"unix://{tmp_path}/nothing-here.sock")
     c = await aiohttp_client(app)
@@ -176,6 +202,10 @@ async def test_unavailable_when_redis_is_unreachable(aiohttp_client, app_factory
     await ws.receive_json()
     await ws.send_json({"type": "join", "group": group, "ref": "j"})
     err = await ws.receive_json(timeout=30)
-    assert err == {"type": "error", "ref": "j", "code": "unavailable",
-                   "message": "live updates are unavailable; retry"}
+    assert err == {
+        "type": "error",
+        "ref": "j",
+        "code": "unavailable",
+        "message": "live updates are unavailable; retry",
+    }
     await ws.close()

@@ -56,9 +56,20 @@ GENRE_PRIORS: dict[str, tuple[float, float, float]] = {
     "metal": (0.95, 0.3, 140),
     "drum and bass": (0.9, 0.5, 174),
 }
-_ALIASES = {"hip hop": "hip-hop", "rap": "hip-hop", "edm": "electronic", "techno": "electronic",
-            "lofi": "lo-fi", "rnb": "r&b", "dnb": "drum and bass", "singer-songwriter": "folk",
-            "alternative": "indie", "synthpop": "pop", "k-pop": "pop", "trap": "hip-hop"}
+_ALIASES = {
+    "hip hop": "hip-hop",
+    "rap": "hip-hop",
+    "edm": "electronic",
+    "techno": "electronic",
+    "lofi": "lo-fi",
+    "rnb": "r&b",
+    "dnb": "drum and bass",
+    "singer-songwriter": "folk",
+    "alternative": "indie",
+    "synthpop": "pop",
+    "k-pop": "pop",
+    "trap": "hip-hop",
+}
 _DEFAULT = (0.5, 0.5, 110.0)
 
 

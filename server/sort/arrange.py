@@ -27,9 +27,10 @@ def categorise(a: Mapping[str, Any]) -> str:
 
 def _cost(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
     """How jarring it is to play b right after a: tempo jumps and energy jumps."""
-    return abs(float(a["tempo_bpm"]) - float(b["tempo_bpm"])) / 40 + abs(
-        float(a["energy"]) - float(b["energy"])
-    ) * 2
+    return (
+        abs(float(a["tempo_bpm"]) - float(b["tempo_bpm"])) / 40
+        + abs(float(a["energy"]) - float(b["energy"])) * 2
+    )
 
 
 def arrange(
