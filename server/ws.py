@@ -246,7 +246,15 @@ async def _read_loop(conn: Connection, writer: asyncio.Task[None]) -> None:
                 if conn.strikes > 3 * conn.rate:
                     conn.close(CLOSE_POLICY)
                     break
-                _error(conn, ProtocolError("rate_limited", "too many messages", retry_after_s=wait))
+                _error(
+                    conn,
+                    ProtocolError(
+                        "rate_limited",
+                        "too many messages",
+                        ref=ref_of(msg.data),
+                        retry_after_s=wait,
+                    ),
+                )
                 continue
             await _handle(conn, msg.data)
         elif msg.type == WSMsgType.BINARY:
@@ -257,6 +265,16 @@ async def _read_loop(conn: Connection, writer: asyncio.Task[None]) -> None:
         elif msg.type == WSMsgType.ERROR:
             # aiohttp has already closed the socket, with 1009 for a frame over max_msg_size.
             break
+
+
+def ref_of(raw: bytes) -> str | None:
+    """The frame's ref, if it has a valid one, so even a refused frame's reply can carry it."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    ref = obj.get("ref") if isinstance(obj, dict) else None
+    return ref if isinstance(ref, str) and len(ref) <= 64 else None
 
 
 def _error(conn: Connection, err: ProtocolError) -> None:
@@ -300,35 +318,34 @@ def _is_backend_error(err: Exception) -> bool:
     )
 
 
-def _with_ref(frame: dict[str, Any], ref: str | None) -> dict[str, Any]:
+def _answer(conn: Connection, ref: str | None, frame: dict[str, Any]) -> None:
+    """Replies go only to frames that carry a ref (PROTOCOL.md §2); errors always go."""
     if ref is not None:
         frame["ref"] = ref
-    return frame
+        conn.reply(frame)
 
 
 async def _dispatch(conn: Connection, cmd: Command) -> None:
     app = conn.app
     match cmd:
         case PingCommand():
-            conn.reply(_with_ref({"type": "pong"}, cmd.ref))
+            _answer(conn, cmd.ref, {"type": "pong"})
         case JoinCommand():
             await _join(conn, cmd)
         case LeaveCommand():
             await _leave(conn, cmd.group)
-            conn.reply(_with_ref({"type": "left", "group": cmd.group}, cmd.ref))
+            _answer(conn, cmd.ref, {"type": "left", "group": cmd.group})
         case SortCommand():
             job, dedup = await service.start_sort(
                 app, conn.user, cmd.group, cmd.options, cmd.idempotency_key
             )
-            conn.reply(
-                _with_ref({"type": "sort.accepted", "job": job, "deduplicated": dedup}, cmd.ref)
-            )
+            _answer(conn, cmd.ref, {"type": "sort.accepted", "job": job, "deduplicated": dedup})
         case CancelCommand():
             job = await service.cancel_job(app, conn.user, cmd.job)
-            conn.reply(_with_ref({"type": "cancel.accepted", "job": job}, cmd.ref))
+            _answer(conn, cmd.ref, {"type": "cancel.accepted", "job": job})
         case JobGetCommand():
             job = await service.get_job(app, conn.user, cmd.job)
-            conn.reply(_with_ref({"type": "job", "job": job}, cmd.ref))
+            _answer(conn, cmd.ref, {"type": "job", "job": job})
 
 
 async def _join(conn: Connection, cmd: JoinCommand) -> None:
@@ -356,18 +373,18 @@ async def _join(conn: Connection, cmd: JoinCommand) -> None:
             else:
                 replay = [e.data for e in await events.read_since(db, group, since, seq)]
     online = await app[PRESENCE_KEY].online(group)
-    conn.reply(
-        _with_ref(
-            {
-                "type": "joined",
-                "group": group,
-                "seq": seq,
-                "recovered": recovered,
-                "snapshot": {"job": job, "online": online, "playlist_version": version},
-            },
-            cmd.ref,
-        )
-    )
+    # `joined` is sent even without a ref: it marks where this socket's stream of the group
+    # starts (replayed events follow it), and the ?group= join of a bare wscat needs it.
+    joined: dict[str, Any] = {
+        "type": "joined",
+        "group": group,
+        "seq": seq,
+        "recovered": recovered,
+        "snapshot": {"job": job, "online": online, "playlist_version": version},
+    }
+    if cmd.ref is not None:
+        joined["ref"] = cmd.ref
+    conn.reply(joined)
     if replay:
         conn.send(replay)
     cursor.go_live(seq)

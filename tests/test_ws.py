@@ -78,11 +78,14 @@ async def test_foreign_browser_origin_is_refused_with_403(client):
     await ws.close()
 
 
-async def test_ping_pong_with_and_without_ref(connect):
-    s = await connect("alice")
-    assert await s.request("ping") == {"type": "pong", "ref": "r" + s.frames[-1]["ref"][1:]}
+async def test_only_frames_with_a_ref_get_a_reply(connect, make_group):
+    group, _ = await make_group(["pia"])
+    s = await connect("pia")
     await s.send({"type": "ping"})
-    assert await s.recv() == {"type": "pong"}
+    await s.send({"type": "leave", "group": group})
+    await s.send({"type": "ping", "ref": "after"})
+    # The frames without ref got nothing back: the next frame is the reply to "after".
+    assert await s.recv() == {"type": "pong", "ref": "after"}
 
 
 async def test_join_leave_and_snapshot(connect, make_group):
@@ -169,9 +172,10 @@ async def test_error_codes(connect, make_group, pool):
 
 async def test_rate_limit_answers_rate_limited_then_recovers(connect):
     s = await connect("rl")
-    for _ in range(40):
-        await s.send({"type": "ping"})
+    for i in range(40):
+        await s.send({"type": "ping", "ref": str(i)})
     frames = [await s.recv() for _ in range(40)]
+    assert sorted(int(f["ref"]) for f in frames) == list(range(40))
     limited = [f for f in frames if f["type"] == "error"]
     assert limited and all(f["code"] == "rate_limited" and f["retry_after_s"] > 0 for f in limited)
     await asyncio.sleep(limited[-1]["retry_after_s"] + 0.05)  # a token refills after this long
