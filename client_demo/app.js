@@ -160,6 +160,7 @@ class Pane {
 
   finish(text, kind) {
     this.notice(text, kind);
+    this.$(".progress-text").textContent = text;
     this.$(".cancel").disabled = true;
     this.$(".sort").disabled = false;
     this.$("progress").value = 100;

@@ -49,8 +49,10 @@ class Reporter:
 
     async def progress(self, stage: str, done: int, total: int, message: str) -> None:
         now = time.monotonic()
+        first_of_stage = stage not in self.stage_started
         started = self.stage_started.setdefault(stage, now)
-        if done < total and now - self.last_sent < self.interval_s:
+        # Throttled, but a stage's first and last reports always go out.
+        if not first_of_stage and done < total and now - self.last_sent < self.interval_s:
             return
         self.last_sent = now
         eta = (now - started) / done * (total - done) if 0 < done < total else None

@@ -111,11 +111,11 @@ async def test_make_run_serves_the_demo_from_a_fresh_checkout(tmp_path):
     proc = ServerProcess(
         ["make", "-o", f"{venv}/.installed", "run", f"VENV={venv}", f"PORT={port}"], env, cwd=clone
     )
-    await proc.start("npx wscat -c")
+    await proc.start("npx -y wscat -c")
     try:
         text = "".join(proc.output)
         assert f"Demo page:  http://localhost:{port}/" in text
-        url = re.search(r'npx wscat -c "(ws://[^"]+)"', text).group(1)
+        url = re.search(r'npx -y wscat -c "(ws://[^"]+)"', text).group(1)
         async with aiohttp.ClientSession() as session:
             ws = await session.ws_connect(url.replace("localhost", "127.0.0.1"))
             s = Socket(ws)
