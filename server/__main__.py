@@ -59,7 +59,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
                 '  wscat, as alice in group \'demo\' (then type {"type":"sort","group":"demo"}):',
                 flush=True,
             )
-            print(f'    npx -y wscat -c "ws://{shown}:{port}/ws?token={token}&group=demo"', flush=True)
+            print(
+                f'    npx -y wscat -c "ws://{shown}:{port}/ws?token={token}&group=demo"', flush=True
+            )
 
     web.run_app(
         app,

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(65536, alias="SMARTSORT_MAX_MESSAGE_BYTES", ge=1024)
     messages_per_second: float = Field(20.0, alias="SMARTSORT_MESSAGES_PER_SECOND", gt=0)
     send_queue_max: int = Field(1024, alias="SMARTSORT_SEND_QUEUE_MAX", ge=8)
+    send_timeout_s: float = Field(10.0, alias="SMARTSORT_SEND_TIMEOUT_S", gt=0)
     progress_interval_s: float = Field(0.1, alias="SMARTSORT_PROGRESS_INTERVAL_S", ge=0)
     analysis_batch_size: int = Field(25, alias="SMARTSORT_ANALYSIS_BATCH_SIZE", ge=1)
     # Test hook: slows each analysis batch so tests can watch a job while it runs.

@@ -103,6 +103,26 @@ async def oldest_retained(db: asyncpg.Pool | asyncpg.Connection, group: str) -> 
     return value
 
 
+_PROGRESS_HEAD = b'{"type":"job.progress",'
+_JOB_FIELD = b'"job":"'
+
+
+def progress_key(data: bytes) -> bytes | None:
+    """The job id of a job.progress frame (its coalescing key), else None.
+
+    Cheap on purpose (called once per event per process): append() encodes the fields in a fixed
+    order, so the type comes first and the job id is the first ``"job":"…"`` string.
+    """
+    if not data.startswith(_PROGRESS_HEAD):
+        return None
+    start = data.find(_JOB_FIELD)
+    if start < 0:
+        return None
+    start += len(_JOB_FIELD)
+    end = data.find(b'"', start)
+    return data[start:end] if end > start else None
+
+
 def parse_wire(payload: bytes) -> tuple[int, bytes]:
     """Split a Redis payload into (seq, frame bytes)."""
     head, _, data = payload.partition(b" ")

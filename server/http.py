@@ -217,7 +217,7 @@ async def group_events(request: web.Request) -> web.StreamResponse:
     queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=app[SETTINGS_KEY].send_queue_max)
     overflow = asyncio.Event()
 
-    def sink(data: bytes) -> None:
+    def sink(data: bytes, key: bytes | None) -> None:
         try:
             queue.put_nowait(data)
         except asyncio.QueueFull:

@@ -28,31 +28,37 @@ CONTROL_CHANNEL = "ss:hub"
 CATCH_UP_EVERY_S = 5.0
 
 
+Sink = Callable[[bytes, "bytes | None"], None]
+
+
 class Cursor:
-    """One subscriber's position in a group's stream: buffers while it syncs, then drops repeats."""
+    """One subscriber's position in a group's stream: buffers while it syncs, then drops repeats.
+
+    The sink gets each frame's bytes and its coalescing key (the job id of a job.progress).
+    """
 
     __slots__ = ("sink", "seq", "buffer")
 
-    def __init__(self, sink: Callable[[bytes], None]) -> None:
+    def __init__(self, sink: Sink) -> None:
         self.sink = sink
         self.seq = 0
-        self.buffer: list[tuple[int, bytes]] | None = []
+        self.buffer: list[tuple[int, bytes, bytes | None]] | None = []
 
-    def push(self, seq: int, data: bytes) -> None:
+    def push(self, seq: int, data: bytes, key: bytes | None = None) -> None:
         if self.buffer is not None:
-            self.buffer.append((seq, data))
+            self.buffer.append((seq, data, key))
         elif seq == EPHEMERAL:
-            self.sink(data)
+            self.sink(data, None)
         elif seq > self.seq:
             self.seq = seq
-            self.sink(data)
+            self.sink(data, key)
 
     def go_live(self, seq: int) -> None:
         """Everything up to ``seq`` has been sent; release what arrived meanwhile."""
         self.seq = seq
         buffered, self.buffer = self.buffer or [], None
-        for s, d in buffered:
-            self.push(s, d)
+        for s, d, k in buffered:
+            self.push(s, d, k)
 
 
 class Feed:
@@ -220,8 +226,9 @@ class Hub:
                 await self._fill(r["id"], feed, until=r["last_seq"])
 
     def _deliver(self, feed: Feed, seq: int, data: bytes) -> None:
+        key = events.progress_key(data)  # once per event, not once per socket
         for cursor in list(feed.subscribers):
-            cursor.push(seq, data)
+            cursor.push(seq, data, key)
         self.delivered += len(feed.subscribers)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from typing import Any
 
 import orjson
@@ -17,6 +16,7 @@ from .config import SETTINGS_KEY
 from .db import POOL_KEY
 from .hub import HUB_KEY, Cursor
 from .metrics import METRICS
+from .outbox import Outbox
 from .presence import PRESENCE_KEY
 from .protocol import (
     CLOSE_INTERNAL,
@@ -37,7 +37,8 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
-SEND_TIMEOUT_S = 10.0
+# A close frame with code 1013, written raw when the socket's writer may be blocked.
+_CLOSE_1013 = b"\x88\x02" + CLOSE_TRY_AGAIN.to_bytes(2, "big")
 MAX_REPLAY = 10_000
 
 
@@ -46,17 +47,19 @@ def json_error(status: int, code: str, message: str) -> web.Response:
 
 
 class Connection:
-    """One socket: its bounded send queue, its joined groups and its rate limit."""
+    """One socket: its bounded send queue and writer, its joined groups and its rate limit."""
 
     __slots__ = (
         "ws",
         "user",
         "app",
-        "queue",
+        "outbox",
         "wake",
         "cursors",
         "close_code",
-        "max_queue",
+        "dropped",
+        "send_timeout_s",
+        "writer",
         "tokens",
         "rate",
         "last_refill",
@@ -77,12 +80,13 @@ class Connection:
         self.ws = ws
         self.user = user
         self.transport = transport
-        # Items are one frame, or a list of frames (a replay) counted as one.
-        self.queue: deque[bytes | list[bytes]] = deque()
+        self.outbox = Outbox(settings.send_queue_max)
         self.wake = asyncio.Event()
         self.cursors: dict[str, Cursor] = {}
         self.close_code: int | None = None
-        self.max_queue = settings.send_queue_max
+        self.dropped = False
+        self.send_timeout_s = settings.send_timeout_s
+        self.writer: asyncio.Task[None] | None = None
         self.rate = settings.messages_per_second
         self.tokens = self.rate
         self.last_refill = time.monotonic()
@@ -90,55 +94,72 @@ class Connection:
 
     # -- sending -----------------------------------------------------------------------------
 
-    def send(self, data: bytes | list[bytes]) -> None:
+    def send(self, data: bytes | list[bytes], key: bytes | None = None) -> None:
+        """Queue a frame (or a replay); never blocks. A socket that overflows is dropped."""
         if self.close_code is not None:
             return
-        if len(self.queue) >= self.max_queue:
-            METRICS.slow_closes.inc()
-            log.info("closing socket of %s: send queue overflowed", self.user)
-            self.close(CLOSE_TRY_AGAIN)
+        if not self.outbox.put(data, key):
+            self.drop("its send queue overflowed")
             return
-        self.queue.append(data)
         self.wake.set()
 
     def reply(self, frame: dict[str, Any]) -> None:
         self.send(orjson.dumps(frame))
 
     def close(self, code: int) -> None:
-        """Ask the writer to close after what is already queued (1013 drops the queue)."""
+        """Ask the writer to close with ``code`` after what is already queued."""
         if self.close_code is None:
             self.close_code = code
-            if code == CLOSE_TRY_AGAIN:
-                self.queue.clear()
             self.wake.set()
+
+    def drop(self, why: str) -> None:
+        """Close a socket that fell behind with 1013 at once, without waiting on the peer.
+
+        The writer may be stuck waiting for the peer to read, so it is cancelled, the close
+        frame goes straight to the transport, and the transport is aborted after a grace period
+        in case the peer never reads it. The client resumes with ``since``.
+        """
+        if self.dropped:
+            return
+        self.dropped = True
+        self.close_code = CLOSE_TRY_AGAIN
+        self.outbox.clear()
+        METRICS.slow_closes.inc()
+        log.info("dropping socket of %s (1013): %s", self.user, why)
+        if self.writer is not None and not self.writer.done():
+            self.writer.cancel()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(_CLOSE_1013)
+            transport.close()  # flushes what it can, then closes
+            asyncio.get_running_loop().call_later(self.send_timeout_s, transport.abort)
 
     async def send_loop(self) -> None:
         """The socket's only writer; returns when the socket is closed or the peer is gone."""
         try:
             await self._send_all()
         except TimeoutError:
-            # The peer stopped reading and the kernel buffers are full: drop it.
-            log.info("socket of %s: send deadline passed; aborting", self.user)
-            self.close_code = self.close_code or CLOSE_TRY_AGAIN
-            if self.transport is not None:
-                self.transport.abort()
+            # The peer stopped reading and the kernel buffers are full.
+            self.drop("the send deadline passed")
         except (ConnectionError, RuntimeError) as err:
             log.debug("socket of %s gone while sending: %r", self.user, err)
 
     async def _send_all(self) -> None:
         ws = self.ws
+        outbox = self.outbox
+        timeout = self.send_timeout_s
         while True:
             await self.wake.wait()
             self.wake.clear()
-            while self.queue:
-                item = self.queue.popleft()
+            while outbox:
+                item = outbox.get()
                 frames = item if isinstance(item, list) else (item,)
                 for data in frames:
                     # A peer that never reads would block this send forever: give it a deadline.
-                    await asyncio.wait_for(ws.send_frame(data, WSMsgType.TEXT), SEND_TIMEOUT_S)
+                    await asyncio.wait_for(ws.send_frame(data, WSMsgType.TEXT), timeout)
                 METRICS.frames_out.inc(len(frames))
             if self.close_code is not None:
-                await asyncio.wait_for(ws.close(code=self.close_code), SEND_TIMEOUT_S)
+                await asyncio.wait_for(ws.close(code=self.close_code), timeout)
                 return
 
     # -- rate limit (token bucket) -----------------------------------------------------------
@@ -183,7 +204,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     app[CONNECTIONS_KEY].add(conn)
     METRICS.connections.inc()
     log.info("socket open: user %s", identity.user)
-    writer = asyncio.create_task(conn.send_loop(), name=f"ws-send-{identity.user}")
+    writer = conn.writer = asyncio.create_task(conn.send_loop(), name=f"ws-send-{identity.user}")
     expiry = asyncio.get_running_loop().call_later(
         max(0.0, identity.expires_at - time.time()), conn.close, CLOSE_TOKEN_EXPIRED
     )
@@ -212,14 +233,16 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         if not writer.done():
             conn.close(conn.close_code or 1000)
             try:
-                await asyncio.wait_for(asyncio.shield(writer), SEND_TIMEOUT_S)
+                await asyncio.wait_for(asyncio.shield(writer), settings.send_timeout_s)
             except (TimeoutError, Exception):  # noqa: BLE001
                 writer.cancel()
-        if not ws.closed and request.transport is not None:
+        if not ws.closed and not conn.dropped and request.transport is not None:
             request.transport.abort()
         app[CONNECTIONS_KEY].discard(conn)
         METRICS.connections.dec()
-        log.info("socket closed: user %s (code %s)", identity.user, ws.close_code)
+        log.info(
+            "socket closed: user %s (code %s)", identity.user, conn.close_code or ws.close_code
+        )
     return ws
 
 
