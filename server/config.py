@@ -33,6 +33,8 @@ class Settings(BaseSettings):
 
     lease_s: float = Field(30.0, alias="SMARTSORT_LEASE_S", gt=0)
     max_attempts: int = Field(3, alias="SMARTSORT_MAX_ATTEMPTS", ge=1)
+    shutdown_grace_s: float = Field(5.0, alias="SMARTSORT_SHUTDOWN_GRACE_S", ge=0)
+    event_retention_s: float = Field(7 * 86400, alias="SMARTSORT_EVENT_RETENTION_S", ge=86400)
     heartbeat_s: float = Field(25.0, alias="SMARTSORT_HEARTBEAT_S", gt=0)
     max_message_bytes: int = Field(65536, alias="SMARTSORT_MAX_MESSAGE_BYTES", ge=1024)
     messages_per_second: float = Field(20.0, alias="SMARTSORT_MESSAGES_PER_SECOND", gt=0)

@@ -10,6 +10,8 @@ import orjson
 
 log = logging.getLogger(__name__)
 
+# Waiting longer than this for a pooled connection means the database is in trouble: say so.
+ACQUIRE_TIMEOUT_S = 10.0
 # Any constant works; every process that migrates takes the same advisory lock.
 _MIGRATION_LOCK = 0x5EA7_5027
 
@@ -32,6 +34,8 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asy
         init=_init_connection,
         command_timeout=30,
         timeout=10,
+        # A process frozen mid-transaction (SIGSTOP, a debugger) must not hold row locks forever.
+        server_settings={"idle_in_transaction_session_timeout": "10000"},
     )
     assert pool is not None
     return pool

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncpg
 
+from .db import ACQUIRE_TIMEOUT_S
+
 DEMO_USERS = ["alice", "bob", "carol", "dave", "erin", "mallory"]
 GROUPS = {
     "demo": ("Demo Group", ["alice", "bob", "carol", "dave"]),
@@ -99,7 +101,7 @@ def _metadata(
 
 async def seed(pool: asyncpg.Pool) -> None:
     """Create the demo users, groups and songs; running it again changes nothing."""
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
         await conn.executemany(
             "INSERT INTO users (id, name) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
             [(u, u.capitalize()) for u in DEMO_USERS],
@@ -150,7 +152,7 @@ async def create_group(
     With ``unique_titles`` no other group shares a track, so no analysis is cached yet.
     """
     suffix = f" - {group}" if unique_titles else ""
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
         await conn.executemany(
             "INSERT INTO users (id, name) VALUES ($1, $1) ON CONFLICT (id) DO NOTHING",
             [(m,) for m in members],

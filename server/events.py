@@ -95,6 +95,15 @@ async def read_since(
     return [Event(group, r["seq"], r["data"].encode()) for r in rows]
 
 
+async def prune(pool: asyncpg.Pool, retention_s: float) -> int:
+    """Delete events older than ``retention_s``; joins from before them get recovered=false."""
+    status: str = await pool.execute(
+        "DELETE FROM group_events WHERE ts < clock_timestamp() - make_interval(secs => $1)",
+        retention_s,
+    )
+    return int(status.rpartition(" ")[2] or 0)
+
+
 async def oldest_retained(db: asyncpg.Pool | asyncpg.Connection, group: str) -> int | None:
     """The smallest seq still stored for the group (None when none are)."""
     value: int | None = await db.fetchval(

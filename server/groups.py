@@ -10,6 +10,7 @@ import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import events
+from .db import ACQUIRE_TIMEOUT_S
 from .events import Event
 from .protocol import ProtocolError
 
@@ -80,7 +81,10 @@ def song_object(r: asyncpg.Record) -> dict[str, Any]:
 
 async def playlist(pool: asyncpg.Pool, group: str, category: str | None) -> dict[str, Any]:
     """The playlist in its sorted order; unplaced songs follow in the order they were added."""
-    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+    async with (
+        pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn,
+        conn.transaction(isolation="repeatable_read", readonly=True),
+    ):
         version = await conn.fetchval("SELECT playlist_version FROM groups WHERE id = $1", group)
         rows = await conn.fetch(
             "SELECT * FROM songs WHERE group_id = $1 ORDER BY position NULLS LAST, added_at, id",
@@ -103,7 +107,7 @@ async def add_songs(
 ) -> tuple[list[dict[str, Any]], list[Event]]:
     """Insert songs and announce them with one playlist.updated event."""
     ids = [f"s_{uuid.uuid4().hex[:16]}" for _ in songs]
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
         version = await conn.fetchval(
             "UPDATE groups SET playlist_version = playlist_version + 1 WHERE id = $1"
             " RETURNING playlist_version",
@@ -134,7 +138,7 @@ async def add_songs(
 
 
 async def remove_song(pool: asyncpg.Pool, group: str, song: str) -> list[Event]:
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
         version = await conn.fetchval(
             "UPDATE groups SET playlist_version = playlist_version + 1 WHERE id = $1"
             " RETURNING playlist_version",

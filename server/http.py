@@ -290,6 +290,10 @@ async def readyz(request: web.Request) -> web.Response:
         await asyncio.wait_for(request.app[REDIS_KEY].ping(), 2)
     except Exception as err:  # noqa: BLE001
         problems["redis"] = type(err).__name__
+    hub = request.app.get(HUB_KEY)
+    if hub is not None and not hub.connected.is_set():
+        # The relay restarts itself; until it is subscribed again this process misses live events.
+        problems["redis_subscription"] = "reconnecting"
     if problems:
         return web.json_response(
             {

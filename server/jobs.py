@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 
 from . import events
+from .db import ACQUIRE_TIMEOUT_S
 from .events import Event
 from .protocol import ProtocolError
 
@@ -72,7 +73,7 @@ async def enqueue(
 ) -> tuple[dict[str, Any], bool, list[Event]]:
     """Queue a sort, or return the group's active job (or the key's job) as deduplicated."""
     for _ in range(3):
-        async with pool.acquire() as conn, conn.transaction():
+        async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
             if idempotency_key:
                 row = await conn.fetchrow(
                     "SELECT * FROM jobs WHERE requested_by = $1 AND idempotency_key = $2",
@@ -138,7 +139,7 @@ async def active(db: asyncpg.Pool | asyncpg.Connection, group: str) -> dict[str,
 
 async def cancel(pool: asyncpg.Pool, job: str, by: str) -> tuple[dict[str, Any], list[Event]]:
     """Cancel a queued or running job at once; its worker's next fenced write fails."""
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
         row = await conn.fetchrow(
             "UPDATE jobs SET status = 'cancelled', finished_at = clock_timestamp(),"
             " lease_owner = NULL, lease_expires_at = NULL"
@@ -161,7 +162,7 @@ async def claim(
     pool: asyncpg.Pool, owner: str, lease_s: float
 ) -> tuple[Lease, asyncpg.Record, list[Event]] | None:
     """Take the oldest runnable job, if any, under a lease."""
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
         row = await conn.fetchrow(
             "WITH next AS (SELECT id FROM jobs WHERE status IN ('queued', 'retrying')"
             "   AND run_after <= clock_timestamp() ORDER BY run_after, created_at"
@@ -206,7 +207,7 @@ async def _fenced_update(
 
 async def renew(pool: asyncpg.Pool, lease: Lease) -> None:
     """Extend the lease; raises LeaseLost when it is gone."""
-    async with pool.acquire() as conn:
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
         await _fenced_update(conn, lease, "")
 
 
@@ -230,7 +231,7 @@ async def progress(
     }
     if eta_s is not None:
         fields["eta_s"] = round(eta_s, 1)
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
         await _fenced_update(conn, lease, "stage = $5, done = $6, total = $7", stage, done, total)
         return [await events.append(conn, lease.group, "job.progress", **fields)]
 
@@ -238,7 +239,7 @@ async def progress(
 async def partial(
     pool: asyncpg.Pool, lease: Lease, songs: Sequence[Mapping[str, Any]]
 ) -> list[Event]:
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
         await _fenced_update(conn, lease, "")
         return [
             await events.append(conn, lease.group, "job.partial", job=lease.job, songs=list(songs))
@@ -257,7 +258,7 @@ async def complete(
 
     Songs removed while the sort ran are dropped; songs added meanwhile go last, in 'Just added'.
     """
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
         # Lock order everywhere: job row, then group row, then songs.
         await _fenced_update(conn, lease, "")
         version = await conn.fetchval(
@@ -324,7 +325,7 @@ async def fail_or_retry(
     pool: asyncpg.Pool, lease: Lease, error: dict[str, Any], max_attempts: int
 ) -> tuple[dict[str, Any], list[Event]]:
     """After a failed attempt: schedule the next one, or fail the job for good."""
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
         if error.get("retryable") and lease.attempt < max_attempts:
             delay = backoff_s(lease.attempt)
             row = await _fenced_update(
@@ -346,6 +347,14 @@ async def fail_or_retry(
             )
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, lease.group)
         else:
+            if error.get("retryable"):
+                # Out of attempts: say so, in words a person understands.
+                error = {
+                    **error,
+                    "message": f"Smart sort failed after {lease.attempt} attempts: "
+                    + str(error["message"]),
+                    "retryable": False,
+                }
             row = await _fenced_update(
                 conn,
                 lease,
@@ -364,7 +373,7 @@ async def hand_back(pool: asyncpg.Pool, lease: Lease) -> list[Event]:
         "message": "the worker running this sort is restarting; another one resumes it",
         "retryable": True,
     }
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
         await _fenced_update(
             conn,
             lease,
@@ -392,7 +401,7 @@ async def requeue_expired(pool: asyncpg.Pool, max_attempts: int) -> list[Event]:
         "message": "the worker running this sort stopped responding; it will be resumed",
         "retryable": True,
     }
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
         rows = await conn.fetch(
             "SELECT * FROM jobs WHERE status = 'running' AND lease_expires_at < clock_timestamp()"
             " FOR UPDATE SKIP LOCKED"

@@ -34,15 +34,30 @@ class JobError(Exception):
         return {"code": self.code, "message": self.message, "retryable": self.retryable}
 
 
+class HandBack(Exception):
+    """The worker is shutting down: give the job back at this step boundary."""
+
+
 class Reporter:
     """Appends and publishes a job's events; progress is throttled, stage ends are not."""
 
     def __init__(
-        self, pool: asyncpg.Pool, redis: aioredis.Redis, lease: Lease, interval_s: float
+        self,
+        pool: asyncpg.Pool,
+        redis: aioredis.Redis,
+        lease: Lease,
+        interval_s: float,
+        stopping: asyncio.Event | None = None,
     ) -> None:
         self.pool, self.redis, self.lease, self.interval_s = pool, redis, lease, interval_s
+        self.stopping = stopping
         self.last_sent = 0.0
         self.stage_started: dict[str, float] = {}
+
+    def checkpoint(self) -> None:
+        """Between steps: stop here if the worker is shutting down."""
+        if self.stopping is not None and self.stopping.is_set():
+            raise HandBack(self.lease.job)
 
     async def emit(self, evs: list[Event]) -> None:
         await events.publish(self.redis, evs)
@@ -115,6 +130,7 @@ async def run_pipeline(
         await rep.partial([_partial(sid, a) for sid, a in chunk])
     for i in range(0, len(todo), size):
         batch = todo[i : i + size]
+        rep.checkpoint()
         if settings.step_delay_s:
             await asyncio.sleep(settings.step_delay_s)
         outcome = await analyzer.analyse(batch)
@@ -139,6 +155,7 @@ async def run_pipeline(
         await rep.progress("analysis", done, total, f"Analysed songs {first}-{done} of {total}")
 
     # Saving: arrange, then one transaction writes it all.
+    rep.checkpoint()
     await rep.progress("saving", 0, 1, "Arranging and saving the playlist")
     categories, order = arrange(analyses)
     stats["duration_ms"] = int((time.monotonic() - started) * 1000)
@@ -150,10 +167,14 @@ def _partial(song: str, analysis: Any) -> dict[str, Any]:
 
 
 async def execute(
-    pool: asyncpg.Pool, redis: aioredis.Redis, settings: Settings, lease: Lease
+    pool: asyncpg.Pool,
+    redis: aioredis.Redis,
+    settings: Settings,
+    lease: Lease,
+    stopping: asyncio.Event | None = None,
 ) -> None:
     """Run one claimed job to its end, renewing the lease, turning failures into retries."""
-    rep = Reporter(pool, redis, lease, settings.progress_interval_s)
+    rep = Reporter(pool, redis, lease, settings.progress_interval_s, stopping)
     renewer = asyncio.create_task(_renew(pool, lease), name=f"lease-{lease.job[:8]}")
     t0 = time.monotonic()
     try:
@@ -175,8 +196,11 @@ async def execute(
         log.info(
             "job %s: lease lost (cancelled or taken over); stopping without writing", lease.job[:8]
         )
+    except HandBack:
+        await _hand_back(pool, redis, lease)
     except asyncio.CancelledError:
-        # Shutting down: hand the job back so another worker resumes it now, not after the lease.
+        # Shutting down past the grace period: hand the job back so another worker resumes it
+        # now, not after the lease.
         try:
             await asyncio.wait_for(asyncio.shield(_hand_back(pool, redis, lease)), 5)
         except Exception as err:  # noqa: BLE001 - the lease sweep is the fallback
@@ -229,7 +253,7 @@ def _classify(err: Exception) -> JobError:
         | asyncpg.PostgresConnectionStatusError
         | asyncpg.CannotConnectNowError,
     ):
-        return JobError("unavailable", "a backend was unavailable; the sort will be retried", True)
+        return JobError("unavailable", "the database or Redis was unavailable", True)
     return JobError("internal", "the sort failed unexpectedly", False)
 
 
@@ -254,24 +278,30 @@ class WorkerPool:
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
-        self.tasks: list[asyncio.Task[None]] = []
+        self.helpers: list[asyncio.Task[None]] = []
+        self.runners: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self.tasks = [
+        self.helpers = [
             asyncio.create_task(self._listen(), name="worker-listen"),
             asyncio.create_task(self._sweep(), name="worker-sweep"),
         ]
-        self.tasks += [
+        self.runners = [
             asyncio.create_task(self.run_worker(i), name=f"worker-{i}") for i in range(self.n)
         ]
         log.info("%d worker coroutines started as %s", self.n, self.owner)
 
     async def stop(self) -> None:
+        """Stop claiming; give running jobs until their next step (the grace period) to hand
+        themselves back, then cancel what is left (which hands back too)."""
         self.stopping.set()
         self.wake.set()
-        for t in self.tasks:
+        if self.runners:
+            await asyncio.wait(self.runners, timeout=self.settings.shutdown_grace_s)
+        tasks = self.runners + self.helpers
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _listen(self) -> None:
         """LISTEN for new jobs; reconnect with backoff. The poll in run_worker is the fallback."""
@@ -297,12 +327,22 @@ class WorkerPool:
             backoff = min(backoff * 2, 5.0)
 
     async def _sweep(self) -> None:
-        """Requeue jobs whose worker died (lease expired)."""
+        """Requeue jobs whose worker died (lease expired); prune events past retention."""
+        next_prune = 0.0
         while True:
             await asyncio.sleep(max(1.0, self.settings.lease_s / 3))
             try:
                 evs = await jobs.requeue_expired(self.pool, self.settings.max_attempts)
                 await events.publish(self.redis, evs)
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + 60
+                    pruned = await events.prune(self.pool, self.settings.event_retention_s)
+                    if pruned:
+                        log.info(
+                            "pruned %d events older than %.0fs",
+                            pruned,
+                            self.settings.event_retention_s,
+                        )
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # noqa: BLE001
@@ -334,4 +374,4 @@ class WorkerPool:
                 lease.attempt,
                 lease.group,
             )
-            await execute(self.pool, self.redis, self.settings, lease)
+            await execute(self.pool, self.redis, self.settings, lease, self.stopping)

@@ -13,7 +13,7 @@ from aiohttp import WSMsgType, web
 from . import events, groups, jobs, service
 from .auth import AuthError, bearer, origin_allowed, verify_token
 from .config import SETTINGS_KEY
-from .db import POOL_KEY
+from .db import ACQUIRE_TIMEOUT_S, POOL_KEY
 from .hub import HUB_KEY, Cursor
 from .metrics import METRICS
 from .outbox import Outbox
@@ -385,7 +385,10 @@ async def _join(conn: Connection, cmd: JoinCommand) -> None:
     await app[PRESENCE_KEY].enter(group, conn.user)
     replay: list[bytes] = []
     recovered = True
-    async with pool.acquire() as db, db.transaction(isolation="repeatable_read", readonly=True):
+    async with (
+        pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as db,
+        db.transaction(isolation="repeatable_read", readonly=True),
+    ):
         seq, version = await groups.state(db, group)
         job = await jobs.active(db, group)
         since = cmd.since
