@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+import asyncio
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    ProcessCollector,
+    generate_latest,
+)
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # process_resident_memory_bytes, process_open_fds, CPU seconds, …
+        ProcessCollector(registry=r)
+        self.tasks = Gauge("smartsort_asyncio_tasks", "Live asyncio tasks", registry=r)
+        self.tasks.set_function(_task_count)
         self.connections = Gauge("smartsort_ws_connections", "Open WebSockets", registry=r)
         self.messages_in = Counter("smartsort_ws_messages_in", "Client frames received", registry=r)
         self.frames_out = Counter("smartsort_ws_frames_out", "Frames sent to sockets", registry=r)
@@ -28,6 +40,13 @@ class Metrics:
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))
+
+
+def _task_count() -> float:
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # scraped outside the event loop
+        return 0.0
 
 
 METRICS = Metrics()

@@ -228,6 +228,13 @@ async def execute(
             )
         except LeaseLost:
             pass
+        except Exception as err2:  # noqa: BLE001 - e.g. the database is down
+            # Leave the job running: its lease expires and the sweep retries it.
+            log.warning(
+                "could not record failure of job %s (%r); the lease sweep will retry it",
+                lease.job[:8],
+                err2,
+            )
     finally:
         renewer.cancel()
         try:
@@ -374,4 +381,7 @@ class WorkerPool:
                 lease.attempt,
                 lease.group,
             )
-            await execute(self.pool, self.redis, self.settings, lease, self.stopping)
+            try:
+                await execute(self.pool, self.redis, self.settings, lease, self.stopping)
+            except Exception:  # noqa: BLE001 - a worker coroutine must outlive any one job
+                log.exception("job %s: unexpected error; its lease will expire", lease.job[:8])

@@ -232,10 +232,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         await _leave_all(conn)
         if not writer.done():
             conn.close(conn.close_code or 1000)
-            try:
-                await asyncio.wait_for(asyncio.shield(writer), settings.send_timeout_s)
-            except (TimeoutError, Exception):  # noqa: BLE001
-                writer.cancel()
+            # asyncio.wait, not wait_for: a writer cancelled by drop() must not raise here.
+            await asyncio.wait({writer}, timeout=settings.send_timeout_s)
+            writer.cancel()
         if not ws.closed and not conn.dropped and request.transport is not None:
             request.transport.abort()
         app[CONNECTIONS_KEY].discard(conn)

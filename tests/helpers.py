@@ -101,6 +101,8 @@ class ServerProcess:
         self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
         self.output: list[str] = []
+        self._changed: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self, ready_text: str = "listening on", timeout: float = 60) -> None:
         self.proc = subprocess.Popen(
@@ -128,12 +130,25 @@ class ServerProcess:
             self.proc.wait()
             stdout.close()
             raise
+        self._loop = loop
+        self._changed = asyncio.Event()
         self._drain = loop.run_in_executor(None, self._pump)
 
     def _pump(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         for raw in iter(self.proc.stdout.readline, b""):
             self.output.append(raw.decode(errors="replace"))
+            if self._loop is not None and self._changed is not None:
+                try:
+                    self._loop.call_soon_threadsafe(self._changed.set)
+                except RuntimeError:  # the test's loop is already closed
+                    pass
+
+    async def output_changed(self) -> None:
+        """Wait for the next line of output."""
+        assert self._changed is not None
+        await self._changed.wait()
+        self._changed.clear()
 
     async def stop(self, timeout: float = 20) -> int:
         assert self.proc is not None

@@ -43,7 +43,9 @@ def test_coalescing_makes_room_before_refusing() -> None:
 
 
 def test_progress_key_reads_the_job_id_of_progress_frames_only() -> None:
-    progress = b'{"type":"job.progress","group":"g","seq":4,"ts":"t","job":"8c1f","stage":"analysis"}'
+    progress = (
+        b'{"type":"job.progress","group":"g","seq":4,"ts":"t","job":"8c1f","stage":"analysis"}'
+    )
     assert progress_key(progress) == b"8c1f"
     done = b'{"type":"job.completed","group":"g","seq":5,"ts":"t","job":{"id":"8c1f"}}'
     assert progress_key(done) is None
