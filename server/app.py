@@ -67,7 +67,7 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     hub = app[HUB_KEY] = Hub(app[REDIS_KEY], app[POOL_KEY])
-    presence = app[PRESENCE_KEY] = Presence(app[REDIS_KEY])
+    presence = app[PRESENCE_KEY] = Presence(app[REDIS_KEY], app[SETTINGS_KEY].presence_ttl_s)
     relay = asyncio.create_task(hub.relay(), name="hub-relay")
     refresh = asyncio.create_task(presence.refresh_forever(), name="presence-refresh")
     yield

@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(5.0, alias="SMARTSORT_SHUTDOWN_GRACE_S", ge=0)
     event_retention_s: float = Field(7 * 86400, alias="SMARTSORT_EVENT_RETENTION_S", ge=86400)
     heartbeat_s: float = Field(25.0, alias="SMARTSORT_HEARTBEAT_S", gt=0)
+    presence_ttl_s: float = Field(30.0, alias="SMARTSORT_PRESENCE_TTL_S", gt=0)
     max_message_bytes: int = Field(65536, alias="SMARTSORT_MAX_MESSAGE_BYTES", ge=1024)
     messages_per_second: float = Field(20.0, alias="SMARTSORT_MESSAGES_PER_SECOND", gt=0)
     send_queue_max: int = Field(1024, alias="SMARTSORT_SEND_QUEUE_MAX", ge=8)

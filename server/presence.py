@@ -17,9 +17,6 @@ from . import events
 
 log = logging.getLogger(__name__)
 
-TTL_S = 30.0
-REFRESH_S = 10.0
-
 
 def _name(member: object) -> str:
     return member.decode() if isinstance(member, bytes) else str(member)
@@ -30,38 +27,48 @@ def _key(group: str) -> str:
 
 
 class Presence:
-    """Each (user, process) pair is a sorted-set member scored by its expiry time."""
+    """Each (user, process) pair is a sorted-set member scored by its expiry time.
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    A process renews its own members every ttl/3. Members of a process that died expire; the
+    first process to remove an expired member announces ``presence.left`` if that was the user's
+    last entry. ``presence.joined``/``left`` fire on a user's first/last socket, not per tab.
+    """
+
+    def __init__(self, redis: aioredis.Redis, ttl_s: float = 30.0) -> None:
         self.redis = redis
+        self.ttl_s = ttl_s
         self.process = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.local: Counter[tuple[str, str]] = Counter()
 
     def _member(self, user: str) -> str:
         return f"{user}|{self.process}"
 
+    async def _live_users(self, group: str) -> list[str]:
+        members = await self.redis.zrangebyscore(_key(group), time.time(), "+inf")
+        return [_name(m) for m in members]
+
     async def online(self, group: str) -> list[str]:
         try:
-            members = await self.redis.zrangebyscore(_key(group), time.time(), "+inf")
+            members = await self._live_users(group)
         except (RedisError, OSError):
             members = []
-        users = {_name(m).rpartition("|")[0] for m in members}
+        users = {m.rpartition("|")[0] for m in members}
         users.update(u for (g, u), n in self.local.items() if g == group and n > 0)
         return sorted(users)
 
-    async def _others(self, group: str, user: str) -> bool:
-        members = await self.redis.zrangebyscore(_key(group), time.time(), "+inf")
+    async def _online_elsewhere(self, group: str, user: str) -> bool:
         mine = self._member(user)
-        names = [_name(m) for m in members]
-        return any(n.rpartition("|")[0] == user and n != mine for n in names)
+        return any(
+            m.rpartition("|")[0] == user and m != mine for m in await self._live_users(group)
+        )
 
     async def enter(self, group: str, user: str) -> None:
         self.local[(group, user)] += 1
         if self.local[(group, user)] > 1:
             return
         try:
-            elsewhere = await self._others(group, user)
-            await self.redis.zadd(_key(group), {self._member(user): time.time() + TTL_S})
+            elsewhere = await self._online_elsewhere(group, user)
+            await self.redis.zadd(_key(group), {self._member(user): time.time() + self.ttl_s})
             if not elsewhere:
                 await events.publish(
                     self.redis, [events.ephemeral(group, "presence.joined", user=user)]
@@ -77,24 +84,38 @@ class Presence:
         del self.local[key]
         try:
             await self.redis.zrem(_key(group), self._member(user))
-            if not await self._others(group, user):
+            if not await self._online_elsewhere(group, user):
                 await events.publish(
                     self.redis, [events.ephemeral(group, "presence.left", user=user)]
                 )
         except (RedisError, OSError) as err:
             log.warning("presence update failed: %r", err)
 
+    async def refresh(self) -> None:
+        """Renew this process's entries; expire (and announce) those of processes that died."""
+        now = time.time()
+        groups = {g for g, _ in self.local}
+        if not groups:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for group, user in list(self.local):
+                pipe.zadd(_key(group), {self._member(user): now + self.ttl_s})
+            await pipe.execute()
+        for group in groups:
+            for member in await self.redis.zrangebyscore(_key(group), "-inf", now):
+                # ZREM decides which process announces: only the one that removed it.
+                if await self.redis.zrem(_key(group), _name(member)):
+                    user = _name(member).rpartition("|")[0]
+                    if user not in await self.online(group):
+                        await events.publish(
+                            self.redis, [events.ephemeral(group, "presence.left", user=user)]
+                        )
+
     async def refresh_forever(self) -> None:
-        """Keep this process's entries alive and drop everyone's expired ones."""
         while True:
-            await asyncio.sleep(REFRESH_S)
+            await asyncio.sleep(self.ttl_s / 3)
             try:
-                now = time.time()
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for group, user in list(self.local):
-                        pipe.zadd(_key(group), {self._member(user): now + TTL_S})
-                        pipe.zremrangebyscore(_key(group), "-inf", now)
-                    await pipe.execute()
+                await self.refresh()
             except (RedisError, OSError) as err:
                 log.warning("presence refresh failed: %r", err)
 

@@ -178,3 +178,26 @@ async def test_a_repeat_sort_pays_for_nothing_twice(connect, make_group):
     await s.request("sort", group=group)
     second = (await s.until(is_end))["job"]["result"]["stats"]
     assert (second["analysed"], second["cached"]) == (0, 30)
+
+
+async def test_events_past_retention_are_pruned_and_resume_says_not_recovered(
+    connect, make_group, pool
+):
+    from server import events
+
+    group, _ = await make_group(["pru"])
+    async with pool.acquire() as conn, conn.transaction():
+        for i in range(3):
+            await events.append(conn, group, "playlist.updated", version=i, change="song_added")
+    await pool.execute(
+        "UPDATE group_events SET ts = now() - interval '8 days' WHERE group_id = $1 AND seq <= 2",
+        group,
+    )
+    assert await events.prune(pool, 7 * 86400) == 2
+    s = await connect("pru")
+    gone = await s.request("join", group=group, since=0)
+    assert gone["recovered"] is False and gone["seq"] == 3
+    kept = await s.request("join", group=group, since=2)
+    assert kept["recovered"] is True
+    replayed = await s.until(lambda f: f["type"] == "playlist.updated")
+    assert replayed["seq"] == 3

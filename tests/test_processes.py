@@ -134,3 +134,39 @@ async def test_make_run_serves_the_demo_from_a_fresh_checkout(tmp_path):
     finally:
         await proc.stop()
     assert (clone / ".smartsort" / "pg").is_dir()  # the default data dir, inside the checkout
+
+
+async def test_the_procfile_layout_works_as_written(tmp_path, backends, make_group):
+    group, songs = await make_group(["rio"], songs=10)
+    lines = dict(
+        line.split(": ", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line.strip()
+    )
+    assert set(lines) == {"web", "worker"}
+    port = free_port()
+    env = {
+        "PORT": str(port),
+        "DATABASE_URL": backends.database_url,
+        "REDIS_URL": backends.redis_url,
+        "SMARTSORT_JWT_SECRET": SECRET,
+        "SMARTSORT_DATA_DIR": str(tmp_path),
+        "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}",
+    }
+    web = ServerProcess(["bash", "-c", lines["web"]], env)
+    work = ServerProcess(["bash", "-c", lines["worker"]], env)
+    await asyncio.gather(web.start(), work.start("worker process ready"))
+    try:
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(
+                f"http://127.0.0.1:{port}/ws?token={token('rio')}&group={group}"
+            )
+            s = Socket(ws)
+            await s.recv()
+            await s.recv()
+            await s.request("sort", group=group)
+            done = await s.until(lambda f: f["type"] in ("job.completed", "job.failed"))
+            assert done["type"] == "job.completed"
+            assert sorted(done["job"]["result"]["order"]) == sorted(songs)
+            await ws.close()
+    finally:
+        assert await web.stop() == 0
+        assert await work.stop() == 0
