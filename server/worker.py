@@ -7,179 +7,54 @@ import logging
 import os
 import time
 import uuid
-from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
 
 from . import events, jobs
-from .analyzers import Analyzer, OfflineAnalyzer
+from .analyzers import Analyzer, OfflineAnalyzer, OpenAIAnalyzer, UnconfiguredAnalyzer
 from .config import Settings
-from .events import Event
 from .jobs import Lease, LeaseLost
+from .metadata import MetadataProvider, MusicBrainz, StoredMetadata
 from .metrics import METRICS
-from .sort import SongInput, arrange, categorise
+from .pipeline import HandBack, JobError, Reporter, Tools, run_pipeline
 
 log = logging.getLogger(__name__)
 
 
-class JobError(Exception):
-    """A failure with a code, a message for people, and whether retrying may help."""
-
-    def __init__(self, code: str, message: str, retryable: bool) -> None:
-        super().__init__(message)
-        self.code, self.message, self.retryable = code, message, retryable
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "retryable": self.retryable}
-
-
-class HandBack(Exception):
-    """The worker is shutting down: give the job back at this step boundary."""
-
-
-class Reporter:
-    """Appends and publishes a job's events; progress is throttled, stage ends are not."""
-
-    def __init__(
-        self,
-        pool: asyncpg.Pool,
-        redis: aioredis.Redis,
-        lease: Lease,
-        interval_s: float,
-        stopping: asyncio.Event | None = None,
-    ) -> None:
-        self.pool, self.redis, self.lease, self.interval_s = pool, redis, lease, interval_s
-        self.stopping = stopping
-        self.last_sent = 0.0
-        self.stage_started: dict[str, float] = {}
-
-    def checkpoint(self) -> None:
-        """Between steps: stop here if the worker is shutting down."""
-        if self.stopping is not None and self.stopping.is_set():
-            raise HandBack(self.lease.job)
-
-    async def emit(self, evs: list[Event]) -> None:
-        await events.publish(self.redis, evs)
-
-    async def progress(self, stage: str, done: int, total: int, message: str) -> None:
-        now = time.monotonic()
-        first_of_stage = stage not in self.stage_started
-        started = self.stage_started.setdefault(stage, now)
-        # Throttled, but a stage's first and last reports always go out.
-        if not first_of_stage and done < total and now - self.last_sent < self.interval_s:
-            return
-        self.last_sent = now
-        eta = (now - started) / done * (total - done) if 0 < done < total else None
-        await self.emit(
-            await jobs.progress(self.pool, self.lease, stage, done, total, message, eta)
-        )
-
-    async def partial(self, songs: list[dict[str, Any]]) -> None:
-        await self.emit(await jobs.partial(self.pool, self.lease, songs))
-
-
 def make_analyzer(settings: Settings) -> Analyzer:
-    if settings.analyzer == "openai":
-        raise JobError(
-            "analyzer_unavailable", "the OpenAI analyser is not available in this build yet", False
-        )
-    # 'auto' uses the offline analyser until the OpenAI one lands (see CHANGELOG).
-    return OfflineAnalyzer()
-
-
-async def run_pipeline(
-    pool: asyncpg.Pool, settings: Settings, analyzer: Analyzer, rep: Reporter, lease: Lease
-) -> tuple[dict[str, Any], list[Event]]:
-    started = time.monotonic()
-    rows = await pool.fetch(
-        "SELECT id, title, artist, metadata FROM songs WHERE group_id = $1 ORDER BY added_at, id",
-        lease.group,
+    """OpenAI when selected (or, with 'auto', when a key is set); else the offline analyser."""
+    if not settings.use_openai():
+        return OfflineAnalyzer()
+    if not settings.openai_api_key:
+        return UnconfiguredAnalyzer("SMARTSORT_ANALYZER=openai, but OPENAI_API_KEY is not set")
+    return OpenAIAnalyzer(
+        settings.openai_api_key,
+        settings.openai_model,
+        settings.openai_base_url,
+        settings.llm_timeout_s,
     )
-    songs = [SongInput(r["id"], r["title"], r["artist"], r["metadata"] or {}) for r in rows]
-    total = len(songs)
-
-    # Metadata: the default provider uses what is stored with each song.
-    await rep.progress("metadata", 0, total, f"Reading metadata of {total} songs")
-    await rep.progress("metadata", total, total, f"Metadata ready for {total} songs")
-
-    # Analysis: cached results first, then the rest in batches.
-    keys = {s.id: analyzer.cache_key(s) for s in songs}
-    cached_rows = await pool.fetch(
-        "SELECT track_key, analysis FROM song_analyses WHERE analyzer = $1"
-        " AND track_key = ANY($2::text[])",
-        analyzer.name,
-        list(set(keys.values())),
-    )
-    cache = {r["track_key"]: r["analysis"] for r in cached_rows}
-    analyses: dict[str, Any] = {s.id: cache[keys[s.id]] for s in songs if keys[s.id] in cache}
-    todo = [s for s in songs if s.id not in analyses]
-    stats = {
-        "songs": total,
-        "analysed": 0,
-        "cached": len(analyses),
-        "llm_calls": 0,
-        "prompt_tokens": 0,
-        "completion_tokens": 0,
-    }
-    done = len(analyses)
-    size = settings.analysis_batch_size
-    await rep.progress("analysis", done, total, f"{done} of {total} songs already analysed")
-    for i in range(0, len(analyses), size):
-        chunk = list(analyses.items())[i : i + size]
-        await rep.partial([_partial(sid, a) for sid, a in chunk])
-    for i in range(0, len(todo), size):
-        batch = todo[i : i + size]
-        rep.checkpoint()
-        if settings.step_delay_s:
-            await asyncio.sleep(settings.step_delay_s)
-        outcome = await analyzer.analyse(batch)
-        missing = [s.id for s in batch if s.id not in outcome.analyses]
-        if missing:
-            raise JobError(
-                "analysis_incomplete", f"no analysis came back for {len(missing)} songs", True
-            )
-        await pool.executemany(
-            "INSERT INTO song_analyses (track_key, analyzer, analysis) VALUES ($1, $2, $3)"
-            " ON CONFLICT (track_key, analyzer) DO UPDATE SET analysis = EXCLUDED.analysis",
-            [(keys[s.id], analyzer.name, outcome.analyses[s.id]) for s in batch],
-        )
-        analyses.update(outcome.analyses)
-        stats["analysed"] += len(batch)
-        stats["llm_calls"] += outcome.llm_calls
-        stats["prompt_tokens"] += outcome.prompt_tokens
-        stats["completion_tokens"] += outcome.completion_tokens
-        done += len(batch)
-        await rep.partial([_partial(s.id, outcome.analyses[s.id]) for s in batch])
-        first = i + 1 + stats["cached"]
-        await rep.progress("analysis", done, total, f"Analysed songs {first}-{done} of {total}")
-
-    # Saving: arrange, then one transaction writes it all.
-    rep.checkpoint()
-    await rep.progress("saving", 0, 1, "Arranging and saving the playlist")
-    categories, order = arrange(analyses)
-    stats["duration_ms"] = int((time.monotonic() - started) * 1000)
-    return await jobs.complete(pool, lease, categories, order, analyses, stats)
 
 
-def _partial(song: str, analysis: Any) -> dict[str, Any]:
-    return {"song": song, "category": categorise(analysis), "analysis": analysis}
+def make_metadata(settings: Settings) -> MetadataProvider:
+    if settings.metadata == "musicbrainz":
+        return MusicBrainz(settings.musicbrainz_url)
+    return StoredMetadata()
 
 
 async def execute(
-    pool: asyncpg.Pool,
+    tools: Tools,
     redis: aioredis.Redis,
-    settings: Settings,
     lease: Lease,
     stopping: asyncio.Event | None = None,
 ) -> None:
     """Run one claimed job to its end, renewing the lease, turning failures into retries."""
+    pool, settings = tools.pool, tools.settings
     rep = Reporter(pool, redis, lease, settings.progress_interval_s, stopping)
     renewer = asyncio.create_task(_renew(pool, lease), name=f"lease-{lease.job[:8]}")
     t0 = time.monotonic()
     try:
-        analyzer = make_analyzer(settings)
-        job, evs = await run_pipeline(pool, settings, analyzer, rep, lease)
+        job, evs = await run_pipeline(tools, rep, lease)
         await rep.emit(evs)
         METRICS.jobs_finished.labels("completed").inc()
         stats = job["result"]["stats"]
@@ -285,6 +160,7 @@ class WorkerPool:
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
+        self.tools = Tools(pool, settings, make_analyzer(settings), make_metadata(settings))
         self.helpers: list[asyncio.Task[None]] = []
         self.runners: list[asyncio.Task[None]] = []
 
@@ -296,7 +172,13 @@ class WorkerPool:
         self.runners = [
             asyncio.create_task(self.run_worker(i), name=f"worker-{i}") for i in range(self.n)
         ]
-        log.info("%d worker coroutines started as %s", self.n, self.owner)
+        log.info(
+            "%d worker coroutines started as %s (analyser %s, metadata %s)",
+            self.n,
+            self.owner,
+            self.tools.analyzer.name,
+            self.tools.metadata.name,
+        )
 
     async def stop(self) -> None:
         """Stop claiming; give running jobs until their next step (the grace period) to hand
@@ -309,6 +191,8 @@ class WorkerPool:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.tools.analyzer.close()
+        await self.tools.metadata.close()
 
     async def _listen(self) -> None:
         """LISTEN for new jobs; reconnect with backoff. The poll in run_worker is the fallback."""
@@ -382,6 +266,6 @@ class WorkerPool:
                 lease.group,
             )
             try:
-                await execute(self.pool, self.redis, self.settings, lease, self.stopping)
+                await execute(self.tools, self.redis, lease, self.stopping)
             except Exception:  # noqa: BLE001 - a worker coroutine must outlive any one job
                 log.exception("job %s: unexpected error; its lease will expire", lease.job[:8])
