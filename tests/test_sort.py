@@ -6,7 +6,7 @@ import random
 
 from server.demo import DEMO_SONGS, _metadata
 from server.sort import SongInput, analyse_offline, arrange, categorise, track_key
-from server.sort.arrange import total_cost
+from server.sort.arrange import flow_score, total_cost
 
 
 def demo_inputs() -> list[SongInput]:
@@ -43,9 +43,35 @@ def test_arrange_places_every_song_exactly_once() -> None:
     assert sorted(order) == sorted(analyses)
     in_categories = [sid for c in categories for sid in c["songs"]]
     assert sorted(in_categories) == sorted(analyses)
+    # Most songs sit in the category their own analysis points to (tiny ones were merged).
+    agree = sum(categorise(analyses[sid]) == c["name"] for c in categories for sid in c["songs"])
+    assert agree >= 0.9 * len(analyses)
+    assert 4 <= len(categories) <= 6  # a handful
+    assert all(len(c["songs"]) >= 3 for c in categories)  # none tiny (5% of 44, at least 2)
+    position = {sid: i for i, sid in enumerate(order)}
     for c in categories:
-        assert all(categorise(analyses[sid]) == c["name"] for sid in c["songs"])
-    assert len(categories) >= 4  # the demo list is varied enough for several categories
+        assert [position[s] for s in c["songs"]] == sorted(position[s] for s in c["songs"])
+
+
+def test_tiny_categories_join_their_nearest_neighbour() -> None:
+    def song(e: float, v: float, t: float) -> dict[str, float]:
+        return {"energy": e, "valence": v, "tempo_bpm": t}
+
+    analyses = {f"c{i}": song(0.2, 0.6, 80 + i) for i in range(20)}  # chill
+    analyses["h1"] = song(0.95, 0.5, 170)  # one lonely hype song
+    categories, _ = arrange(analyses)
+    assert len(categories) == 1
+    assert sorted(categories[0]["songs"]) == sorted(analyses)
+
+
+def test_flow_score_reports_mean_jumps() -> None:
+    a = {
+        "x": {"energy": 0.1, "tempo_bpm": 100},
+        "y": {"energy": 0.5, "tempo_bpm": 120},
+        "z": {"energy": 0.3, "tempo_bpm": 110},
+    }
+    assert flow_score(["x", "y", "z"], a) == {"mean_tempo_jump_bpm": 15.0, "mean_energy_jump": 0.3}
+    assert flow_score(["x"], a) == {"mean_tempo_jump_bpm": 0.0, "mean_energy_jump": 0.0}
 
 
 def test_arrange_flows_better_than_random_orders() -> None:
