@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
@@ -17,9 +19,9 @@ from .events import REDIS_KEY
 from .http import CLIENT_DIR, errors_middleware, routes
 from .hub import HUB_KEY, Hub
 from .presence import PRESENCE_KEY, Presence
-from .protocol import CLOSE_GOING_AWAY
+from .protocol import CLOSE_GOING_AWAY, CLOSE_POLICY
 from .worker import WorkerPool
-from .ws import CONNECTIONS_KEY, Connection, websocket_handler
+from .ws import CONNECTIONS_KEY, PER_USER_KEY, Connection, websocket_handler
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,25 @@ def worker_ctx(n: int):  # type: ignore[no-untyped-def]
     return ctx
 
 
+async def sweep_idle_sockets(app: web.Application) -> None:
+    """Close sockets that joined no group and said nothing for SMARTSORT_IDLE_TIMEOUT_S."""
+    idle = app[SETTINGS_KEY].idle_timeout_s
+    connections: set[Connection] = app[CONNECTIONS_KEY]
+    while True:
+        await asyncio.sleep(max(0.05, idle / 4))
+        cutoff = time.monotonic() - idle
+        for conn in list(connections):
+            if not conn.cursors and conn.last_active < cutoff and conn.close_code is None:
+                log.info("closing idle socket of %s (no group joined)", conn.user)
+                conn.close(CLOSE_POLICY)
+
+
+async def sockets_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(sweep_idle_sockets(app), name="idle-sweep")
+    yield
+    await cancel_and_wait(task)
+
+
 async def close_sockets(app: web.Application) -> None:
     """On shutdown: tell every socket to reconnect elsewhere (1001), iterating over a copy."""
     connections: set[Connection] = app[CONNECTIONS_KEY]
@@ -103,7 +124,8 @@ def create_app(settings: Settings, workers: int = 1) -> web.Application:
     app[SETTINGS_KEY] = settings
     connections: set[Connection] = set()
     app[CONNECTIONS_KEY] = connections
-    app.cleanup_ctx.extend([backends_ctx, hub_ctx, worker_ctx(workers)])
+    app[PER_USER_KEY] = Counter()
+    app.cleanup_ctx.extend([backends_ctx, hub_ctx, sockets_ctx, worker_ctx(workers)])
     app.on_shutdown.append(close_sockets)
     app.router.add_get("/ws", websocket_handler)
     app.router.add_routes(routes)

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict, Field
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from . import events
 from .db import ACQUIRE_TIMEOUT_S
@@ -15,6 +16,7 @@ from .events import Event
 from .protocol import ProtocolError
 
 MAX_BULK = 1000
+MAX_METADATA_BYTES = 4096
 
 
 async def require_member(db: asyncpg.Pool | asyncpg.Connection, group: str, user: str) -> None:
@@ -57,6 +59,13 @@ class SongIn(BaseModel):
     artist: Annotated[str, Field(min_length=1, max_length=300)]
     url: Annotated[str, Field(max_length=2000)] | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(orjson.dumps(value)) > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
+        return value
 
 
 class BulkSongsIn(BaseModel):

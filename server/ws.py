@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 import orjson
@@ -64,6 +65,7 @@ class Connection:
         "rate",
         "last_refill",
         "strikes",
+        "last_active",
         "transport",
         "__weakref__",
     )
@@ -91,6 +93,7 @@ class Connection:
         self.tokens = self.rate
         self.last_refill = time.monotonic()
         self.strikes = 0
+        self.last_active = time.monotonic()
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -178,6 +181,7 @@ class Connection:
 
 
 CONNECTIONS_KEY: web.AppKey[set[Connection]] = web.AppKey("connections")
+PER_USER_KEY: web.AppKey[Counter[str]] = web.AppKey("connections_per_user")
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
@@ -192,6 +196,13 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         )
     except AuthError as err:
         return json_error(401, "unauthorized", str(err))
+    per_user = app[PER_USER_KEY]
+    if per_user[identity.user] >= settings.max_connections_per_user:
+        return json_error(
+            429,
+            "rate_limited",
+            f"too many open sockets for this user (at most {settings.max_connections_per_user})",
+        )
 
     ws = web.WebSocketResponse(
         heartbeat=settings.heartbeat_s,
@@ -202,6 +213,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     conn = Connection(app, ws, identity.user, request.transport)
     app[CONNECTIONS_KEY].add(conn)
+    per_user[identity.user] += 1
     METRICS.connections.inc()
     log.info("socket open: user %s", identity.user)
     writer = conn.writer = asyncio.create_task(conn.send_loop(), name=f"ws-send-{identity.user}")
@@ -229,20 +241,29 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         conn.close(CLOSE_INTERNAL)
     finally:
         expiry.cancel()
-        await _leave_all(conn)
-        if not writer.done():
-            conn.close(conn.close_code or 1000)
-            # asyncio.wait, not wait_for: a writer cancelled by drop() must not raise here.
-            await asyncio.wait({writer}, timeout=settings.send_timeout_s)
-            writer.cancel()
-        if not ws.closed and not conn.dropped and request.transport is not None:
-            request.transport.abort()
+        # Bookkeeping first and synchronously: a cancelled handler must not leak its slot.
         app[CONNECTIONS_KEY].discard(conn)
+        per_user[identity.user] -= 1
+        if per_user[identity.user] <= 0:
+            del per_user[identity.user]
         METRICS.connections.dec()
-        log.info(
-            "socket closed: user %s (code %s)", identity.user, conn.close_code or ws.close_code
-        )
+        # The rest must finish even if aiohttp cancels this handler (handler_cancellation).
+        await asyncio.shield(_finish(conn, writer, request))
     return ws
+
+
+async def _finish(conn: Connection, writer: asyncio.Task[None], request: web.Request) -> None:
+    """Leave every group, let the writer flush and close, then let go of the transport."""
+    await _leave_all(conn)
+    if not writer.done():
+        conn.close(conn.close_code or 1000)
+        # asyncio.wait, not wait_for: a writer cancelled by drop() must not raise here.
+        await asyncio.wait({writer}, timeout=conn.send_timeout_s)
+        writer.cancel()
+    ws = conn.ws
+    if not ws.closed and not conn.dropped and request.transport is not None:
+        request.transport.abort()
+    log.info("socket closed: user %s (code %s)", conn.user, conn.close_code or ws.close_code)
 
 
 async def _join_from_query(conn: Connection, request: web.Request) -> None:
@@ -261,6 +282,7 @@ async def _read_loop(conn: Connection, writer: asyncio.Task[None]) -> None:
     async for msg in ws:
         if writer.done():
             break
+        conn.last_active = time.monotonic()
         if msg.type == WSMsgType.TEXT:
             METRICS.messages_in.inc()
             wait = conn.allow()

@@ -201,7 +201,7 @@ def read_until_closed(sock: socket.socket, buf: bytes = b"") -> list[tuple[int, 
             return frames
         try:
             chunk = sock.recv(65536)
-        except ConnectionResetError:
+        except (ConnectionResetError, TimeoutError):
             return frames
         if not chunk:
             return frames
