@@ -316,6 +316,28 @@ async def complete(
     return job, evs
 
 
+async def _announce_retry(
+    conn: asyncpg.Connection,
+    group: str,
+    job: str,
+    attempt: int,
+    delay: float,
+    error: Mapping[str, Any],
+) -> Event:
+    """Append job.retrying and wake the workers (delivered when the transaction commits)."""
+    ev = await events.append(
+        conn,
+        group,
+        "job.retrying",
+        job=job,
+        attempt=attempt,
+        retry_in_s=round(delay, 2),
+        error=dict(error),
+    )
+    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, group)
+    return ev
+
+
 def backoff_s(attempt: int, base: float = 1.0, cap: float = 30.0) -> float:
     """Exponential backoff with full jitter."""
     return float(random.uniform(0.5, 1.0) * min(cap, base * 2 ** (attempt - 1)))
@@ -336,16 +358,7 @@ async def fail_or_retry(
                 error,
                 delay,
             )
-            ev = await events.append(
-                conn,
-                lease.group,
-                "job.retrying",
-                job=lease.job,
-                attempt=lease.attempt,
-                retry_in_s=round(delay, 2),
-                error=error,
-            )
-            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, lease.group)
+            ev = await _announce_retry(conn, lease.group, lease.job, lease.attempt, delay, error)
         else:
             if error.get("retryable"):
                 # Out of attempts: say so, in words a person understands.
@@ -380,16 +393,7 @@ async def hand_back(pool: asyncpg.Pool, lease: Lease) -> list[Event]:
             "status = 'retrying', attempt = attempt - 1, lease_owner = NULL,"
             " run_after = clock_timestamp()",
         )
-        ev = await events.append(
-            conn,
-            lease.group,
-            "job.retrying",
-            job=lease.job,
-            attempt=lease.attempt,
-            retry_in_s=0.0,
-            error=error,
-        )
-        await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, lease.group)
+        ev = await _announce_retry(conn, lease.group, lease.job, lease.attempt, 0.0, error)
     return [ev]
 
 
@@ -430,17 +434,9 @@ async def requeue_expired(pool: asyncpg.Pool, max_attempts: int) -> list[Event]:
                     error,
                 )
                 out.append(
-                    await events.append(
-                        conn,
-                        r["group_id"],
-                        "job.retrying",
-                        job=str(r["id"]),
-                        attempt=r["attempt"],
-                        retry_in_s=0.0,
-                        error=error,
+                    await _announce_retry(
+                        conn, r["group_id"], str(r["id"]), r["attempt"], 0.0, error
                     )
                 )
             log.warning("job %s lost its worker (attempt %d)", r["id"], r["attempt"])
-        if rows:
-            await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
     return out

@@ -171,3 +171,35 @@ class ServerProcess:
 
 def python_server(*args: str) -> list[str]:
     return [sys.executable, "-m", "server", *args]
+
+
+def server_env(
+    database_url: str, redis_url: str, data_dir: object, **extra: object
+) -> dict[str, str]:
+    """Environment for a server subprocess on the test backends; extra SMARTSORT_* as keywords."""
+    from .conftest import SECRET
+
+    env = {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "SMARTSORT_JWT_SECRET": SECRET,
+        "SMARTSORT_DATA_DIR": str(data_dir),
+    }
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+async def open_member(
+    session: aiohttp.ClientSession, port: int, user: str, group: str, since: int | None = None
+) -> Socket:
+    """A member's socket joined to ``group`` by query string (hello and joined consumed)."""
+    from .conftest import token
+
+    q = f"&since={since}" if since is not None else ""
+    ws = await session.ws_connect(
+        f"http://127.0.0.1:{port}/ws?token={token(user)}&group={group}{q}"
+    )
+    s = Socket(ws)
+    assert (await s.recv())["type"] == "hello"
+    assert (await s.until(lambda f: f["type"] == "joined"))["group"] == group
+    return s

@@ -18,7 +18,7 @@ from server import demo
 
 from .conftest import SECRET, auth, token
 from .faults import PostgresServer, RedisServer, freeze, kill9, thaw, wait_for_output
-from .helpers import ServerProcess, Socket, free_port, python_server
+from .helpers import ServerProcess, Socket, free_port, open_member, python_server, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -26,19 +26,15 @@ END = ("job.completed", "job.failed", "job.cancelled")
 
 
 def env_for(database_url: str, redis_url: str, data_dir: Path, **extra: Any) -> dict[str, str]:
-    env = {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "SMARTSORT_JWT_SECRET": SECRET,
-        "SMARTSORT_DATA_DIR": str(data_dir),
-        "SMARTSORT_LEASE_S": "2",
-        "SMARTSORT_PROGRESS_INTERVAL_S": "0",
-        "SMARTSORT_POLL_INTERVAL_S": "0.5",
-        "SMARTSORT_ANALYSIS_BATCH_SIZE": "2",
-        "SMARTSORT_STEP_DELAY_S": "0.2",
+    """Short leases and slow steps, so faults land mid-job and recover quickly."""
+    defaults: dict[str, Any] = {
+        "SMARTSORT_LEASE_S": 2,
+        "SMARTSORT_PROGRESS_INTERVAL_S": 0,
+        "SMARTSORT_POLL_INTERVAL_S": 0.5,
+        "SMARTSORT_ANALYSIS_BATCH_SIZE": 2,
+        "SMARTSORT_STEP_DELAY_S": 0.2,
     }
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    return server_env(database_url, redis_url, data_dir, **{**defaults, **extra})
 
 
 @asynccontextmanager
@@ -63,17 +59,7 @@ def worker(env: dict[str, str]) -> tuple[ServerProcess, str]:
     return ServerProcess(python_server("worker"), env), "worker process ready"
 
 
-async def member(
-    session: aiohttp.ClientSession, port: int, user: str, group: str, since: int | None = None
-) -> Socket:
-    q = f"&since={since}" if since is not None else ""
-    ws = await session.ws_connect(
-        f"http://127.0.0.1:{port}/ws?token={token(user)}&group={group}{q}"
-    )
-    s = Socket(ws)
-    assert (await s.recv())["type"] == "hello"
-    assert (await s.recv())["type"] == "joined"
-    return s
+member = open_member
 
 
 def assert_gap_free(frames: list[dict[str, Any]], start: int = 1) -> None:

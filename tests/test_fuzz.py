@@ -19,8 +19,7 @@ from hypothesis import strategies as st
 
 from server import db, demo
 
-from .conftest import SECRET, token
-from .helpers import ServerProcess, Socket, free_port, python_server
+from .helpers import ServerProcess, Socket, free_port, open_member, python_server, server_env
 
 pytestmark = pytest.mark.slow
 EXAMPLES = int(os.environ.get("SMARTSORT_FUZZ_EXAMPLES", "120"))
@@ -34,15 +33,14 @@ class Harness:
         self.loop = asyncio.new_event_loop()
         self.own, self.other = f"fz-{uuid.uuid4().hex[:8]}", f"fz-{uuid.uuid4().hex[:8]}"
         self.port = free_port()
-        env = {
-            "DATABASE_URL": backends.database_url,
-            "REDIS_URL": backends.redis_url,
-            "SMARTSORT_JWT_SECRET": SECRET,
-            "SMARTSORT_DATA_DIR": str(tmp),
-            "SMARTSORT_MESSAGES_PER_SECOND": "100000",
-            "SMARTSORT_SORTS_PER_MINUTE": "100000",
-            "SMARTSORT_PROGRESS_INTERVAL_S": "0",
-        }
+        env = server_env(
+            backends.database_url,
+            backends.redis_url,
+            tmp,
+            SMARTSORT_MESSAGES_PER_SECOND=100000,
+            SMARTSORT_SORTS_PER_MINUTE=100000,
+            SMARTSORT_PROGRESS_INTERVAL_S=0,
+        )
         self.server = ServerProcess(
             python_server("serve", "--port", str(self.port), "--workers", "1"), env
         )
@@ -64,12 +62,7 @@ class Harness:
         self.job = (await self.me.request("sort", group=self.own))["job"]["id"]
 
     async def _open(self, user: str, group: str) -> Socket:
-        ws = await self.session.ws_connect(
-            f"http://127.0.0.1:{self.port}/ws?token={token(user)}&group={group}", max_msg_size=0
-        )
-        s = Socket(ws)
-        await s.until(lambda f: f["type"] == "joined")
-        return s
+        return await open_member(self.session, self.port, user, group)
 
     async def exchange(self, raw: str | bytes) -> list[dict[str, Any]]:
         """Send one frame, then a sentinel ping; return what came back before the sentinel."""

@@ -21,8 +21,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 
 from server import db, demo
 
-from .conftest import SECRET, auth, token
-from .helpers import ServerProcess, Socket, free_port, python_server
+from .conftest import auth, token
+from .helpers import ServerProcess, Socket, free_port, python_server, server_env
 
 pytestmark = pytest.mark.slow
 EXAMPLES = int(os.environ.get("SMARTSORT_MODEL_EXAMPLES", "6"))
@@ -36,17 +36,16 @@ class World:
         self.loop = asyncio.new_event_loop()
         self.dsn = backends.database_url
         self.port = free_port()
-        env = {
-            "DATABASE_URL": backends.database_url,
-            "REDIS_URL": backends.redis_url,
-            "SMARTSORT_JWT_SECRET": SECRET,
-            "SMARTSORT_DATA_DIR": str(tmp),
-            "SMARTSORT_MESSAGES_PER_SECOND": "100000",
-            "SMARTSORT_SORTS_PER_MINUTE": "100000",
-            "SMARTSORT_PROGRESS_INTERVAL_S": "0",
-            "SMARTSORT_STEP_DELAY_S": "0.02",
-            "SMARTSORT_ANALYSIS_BATCH_SIZE": "2",
-        }
+        env = server_env(
+            backends.database_url,
+            backends.redis_url,
+            tmp,
+            SMARTSORT_MESSAGES_PER_SECOND=100000,
+            SMARTSORT_SORTS_PER_MINUTE=100000,
+            SMARTSORT_PROGRESS_INTERVAL_S=0,
+            SMARTSORT_STEP_DELAY_S=0.02,
+            SMARTSORT_ANALYSIS_BATCH_SIZE=2,
+        )
         self.server = ServerProcess(
             python_server("serve", "--port", str(self.port), "--workers", "2"), env
         )

@@ -5,9 +5,8 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from .conftest import SECRET, token
 from .faults import kill9
-from .helpers import ServerProcess, Socket, free_port, python_server
+from .helpers import ServerProcess, free_port, open_member, python_server, server_env
 
 
 async def test_joined_and_left_fire_on_first_and_last_socket_not_per_tab(connect, make_group):
@@ -27,13 +26,9 @@ async def test_joined_and_left_fire_on_first_and_last_socket_not_per_tab(connect
 @pytest.mark.slow
 async def test_members_of_a_killed_web_process_drop_out(tmp_path, backends, make_group):
     group, _ = await make_group(["pam", "quy"])
-    env = {
-        "DATABASE_URL": backends.database_url,
-        "REDIS_URL": backends.redis_url,
-        "SMARTSORT_JWT_SECRET": SECRET,
-        "SMARTSORT_DATA_DIR": str(tmp_path),
-        "SMARTSORT_PRESENCE_TTL_S": "1.5",
-    }
+    env = server_env(
+        backends.database_url, backends.redis_url, tmp_path, SMARTSORT_PRESENCE_TTL_S=1.5
+    )
     pa, pb = free_port(), free_port()
     doomed = ServerProcess(python_server("serve", "--port", str(pa), "--workers", "0"), env)
     alive = ServerProcess(python_server("serve", "--port", str(pb), "--workers", "0"), env)
@@ -41,23 +36,16 @@ async def test_members_of_a_killed_web_process_drop_out(tmp_path, backends, make
     await alive.start()
     try:
         async with aiohttp.ClientSession() as session:
-            ws = await session.ws_connect(
-                f"http://127.0.0.1:{pb}/ws?token={token('quy')}&group={group}"
-            )
-            quy = Socket(ws)
-            await quy.recv()
-            await quy.recv()
-            pam_ws = await session.ws_connect(
-                f"http://127.0.0.1:{pa}/ws?token={token('pam')}&group={group}"
-            )
+            quy = await open_member(session, pb, "quy", group)
+            pam = await open_member(session, pa, "pam", group)
             await quy.until(lambda f: f["type"] == "presence.joined" and f["user"] == "pam")
             kill9(doomed)
             left = await quy.until(lambda f: f["type"] == "presence.left", timeout=20)
             assert left == {"type": "presence.left", "group": group, "user": "pam"}
             joined = await quy.request("join", group=group)
             assert joined["snapshot"]["online"] == ["quy"]
-            await pam_ws.close()
-            await ws.close()
+            await pam.close()
+            await quy.close()
     finally:
         await doomed.stop()
         await alive.stop()

@@ -12,8 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from .conftest import SECRET, token
-from .helpers import ROOT, ServerProcess, Socket, free_port, python_server
+from .conftest import SECRET
+from .helpers import ROOT, ServerProcess, Socket, free_port, open_member, python_server, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +30,7 @@ def process_env(data_dir: Path) -> dict[str, str]:
 
 
 async def open_socket(session: aiohttp.ClientSession, port: int, user: str) -> Socket:
-    ws = await session.ws_connect(f"http://127.0.0.1:{port}/ws?token={token(user)}&group=demo")
-    s = Socket(ws)
-    assert (await s.recv())["type"] == "hello"
-    assert (await s.recv())["type"] == "joined"
-    return s
+    return await open_member(session, port, user, "demo")
 
 
 async def test_two_web_processes_and_a_worker_share_one_database_and_redis(tmp_path):
@@ -143,30 +139,24 @@ async def test_the_procfile_layout_works_as_written(tmp_path, backends, make_gro
     )
     assert set(lines) == {"web", "worker"}
     port = free_port()
-    env = {
-        "PORT": str(port),
-        "DATABASE_URL": backends.database_url,
-        "REDIS_URL": backends.redis_url,
-        "SMARTSORT_JWT_SECRET": SECRET,
-        "SMARTSORT_DATA_DIR": str(tmp_path),
-        "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}",
-    }
+    env = server_env(
+        backends.database_url,
+        backends.redis_url,
+        tmp_path,
+        PORT=port,
+        PATH=f"{Path(os.sys.executable).parent}:{os.environ['PATH']}",
+    )
     web = ServerProcess(["bash", "-c", lines["web"]], env)
     work = ServerProcess(["bash", "-c", lines["worker"]], env)
     await asyncio.gather(web.start(), work.start("worker process ready"))
     try:
         async with aiohttp.ClientSession() as session:
-            ws = await session.ws_connect(
-                f"http://127.0.0.1:{port}/ws?token={token('rio')}&group={group}"
-            )
-            s = Socket(ws)
-            await s.recv()
-            await s.recv()
+            s = await open_member(session, port, "rio", group)
             await s.request("sort", group=group)
             done = await s.until(lambda f: f["type"] in ("job.completed", "job.failed"))
             assert done["type"] == "job.completed"
             assert sorted(done["job"]["result"]["order"]) == sorted(songs)
-            await ws.close()
+            await s.close()
     finally:
         assert await web.stop() == 0
         assert await work.stop() == 0

@@ -8,8 +8,8 @@ import os
 import aiohttp
 import pytest
 
-from .conftest import SECRET, token
-from .helpers import ServerProcess, free_port, python_server
+from .conftest import token
+from .helpers import ServerProcess, free_port, python_server, server_env
 from .test_faults import scrape
 
 pytestmark = pytest.mark.slow
@@ -19,14 +19,13 @@ CYCLES = int(os.environ.get("SMARTSORT_SOAK_CYCLES", "10000"))
 async def test_connect_disconnect_cycles_return_to_baseline(tmp_path, backends, make_group):
     group, _ = await make_group(["soak"])
     port = free_port()
-    env = {
-        "DATABASE_URL": backends.database_url,
-        "REDIS_URL": backends.redis_url,
-        "SMARTSORT_JWT_SECRET": SECRET,
-        "SMARTSORT_DATA_DIR": str(tmp_path),
-        "LOG_LEVEL": "WARNING",
-        "SMARTSORT_MAX_CONNECTIONS_PER_USER": "1000",
-    }
+    env = server_env(
+        backends.database_url,
+        backends.redis_url,
+        tmp_path,
+        LOG_LEVEL="WARNING",
+        SMARTSORT_MAX_CONNECTIONS_PER_USER=1000,
+    )
     server = ServerProcess(python_server("serve", "--port", str(port), "--workers", "0"), env)
     await server.start()
     url = f"http://127.0.0.1:{port}/ws?token={token('soak')}"
