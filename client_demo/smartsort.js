@@ -27,6 +27,12 @@ const EVENTS = {
 const NO_RECONNECT = new Set([1008, 1009]); // policy and too-big: looping would not help
 const TOKEN_EXPIRED = 4401;
 
+function freshKey() {
+  // randomUUID exists only in secure contexts (https, localhost); elsewhere 122 random bits.
+  if (globalThis.crypto?.randomUUID) return globalThis.crypto.randomUUID();
+  return Array.from({ length: 4 }, () => Math.random().toString(36).slice(2, 10)).join("-");
+}
+
 export class SmartSortError extends Error {
   constructor(code, message, frame) {
     super(message);
@@ -68,11 +74,13 @@ export class Group extends Emitter {
     this.snapshot = null;
     this.joined = false;
   }
-  /** Start (or join) the group's sort. Resolves with {job, deduplicated}. */
-  sort(options = {}, idempotencyKey) {
-    const frame = { type: "sort", group: this.id, options };
-    if (idempotencyKey) frame.idempotency_key = idempotencyKey;
-    return this.client.request(frame);
+  /**
+   * Start (or join) the group's sort. Resolves with {job, deduplicated}. A fresh idempotency
+   * key is used when none is given, so a request re-sent after a reconnect never starts a
+   * second job.
+   */
+  sort(options = {}, idempotencyKey = freshKey()) {
+    return this.client.request({ type: "sort", group: this.id, options, idempotency_key: idempotencyKey });
   }
   cancel(jobId) {
     return this.client.request({ type: "cancel", job: jobId }).then((r) => r.job);

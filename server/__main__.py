@@ -135,6 +135,19 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> None:
     print(issue_token(settings.secret(), args.user, args.ttl_s))
 
 
+def cmd_watch(settings: Settings, args: argparse.Namespace) -> None:
+    import os
+
+    from .auth import issue_token
+    from .watch import watch
+
+    token = args.token or os.environ.get("SMARTSORT_TOKEN")
+    if not token:
+        token = issue_token(settings.secret(), args.user, 3600)
+    url = args.url or f"ws://localhost:{settings.port}/ws"
+    sys.exit(asyncio.run(watch(url, token, args.group, start=args.sort)))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m server", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +168,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("user")
     p.add_argument("--ttl-s", type=float, default=24 * 3600)
     p.set_defaults(func=cmd_token)
+    p = sub.add_parser("watch", help="show GROUP's live sort as a progress bar")
+    p.add_argument("group")
+    p.add_argument("--url", help="socket URL (default ws://localhost:$PORT/ws)")
+    p.add_argument("--token", help="token to use (default $SMARTSORT_TOKEN, else one for --user)")
+    p.add_argument("--user", default="alice", help="user to mint a token for (needs the secret)")
+    p.add_argument("--sort", action="store_true", help="start a sort instead of waiting for one")
+    p.set_defaults(func=cmd_watch)
     args = parser.parse_args(argv)
     settings = Settings()
     configure_logging(settings)
