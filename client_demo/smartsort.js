@@ -206,6 +206,9 @@ export class Client extends Emitter {
     const lost = (ev) => {
       if (this.ws !== ws) return;
       this.ws = null;
+      // Refused before hello: perhaps the token (browsers cannot see the 401), so ask for a
+      // fresh one next time when we can.
+      if (!this.hello && this.getToken) this._tokenExpired = true;
       this.hello = null;
       for (const g of this.groups.values()) g.joined = false;
       // Requests in flight on this socket will be re-sent; joins are redone by the rejoin.

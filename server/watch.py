@@ -76,9 +76,10 @@ async def _follow(stream: Any, job: dict[str, Any], say: Any, out: TextIO) -> in
             if _job_id(frame) != job_id:
                 continue
             if kind == "job.progress":
-                if bar.total != frame["total"]:
-                    bar.reset(total=frame["total"])
-                bar.set_description(frame["stage"], refresh=False)
+                if bar.desc != frame["stage"] or bar.total != frame["total"]:
+                    bar.reset(total=frame["total"])  # a new stage counts from zero
+                    bar.unit = "song" if frame["stage"] != "saving" else "step"
+                    bar.set_description(frame["stage"], refresh=False)
                 bar.n = frame["done"]
                 bar.refresh()
             elif kind == "job.started":
@@ -90,6 +91,9 @@ async def _follow(stream: Any, job: dict[str, Any], say: Any, out: TextIO) -> in
                     f"{err['message']}"
                 )
             elif kind in TERMINAL:
+                if kind == "job.completed" and bar.total:
+                    bar.n = bar.total
+                    bar.refresh()
                 bar.close()
                 return _summary(frame, say)
     finally:
