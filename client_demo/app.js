@@ -1,39 +1,141 @@
-// The demo page: one pane per member, each on its own WebSocket, resuming with `since`.
+// The demo page: one pane per member, each its own client (its own WebSocket), all built on
+// smartsort.js, which does the reconnecting, resuming with `since` and dropping of repeats.
+import { connect } from "./smartsort.js";
+
 const panes = document.getElementById("panes");
 const template = document.getElementById("pane-template");
-const GROUP = new URLSearchParams(location.search).get("group") || "demo";
-const wsBase = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+const params = new URLSearchParams(location.search);
+const DEFAULT_GROUP = params.get("group") || "demo";
+const WS_URL = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+const ACTIVE = new Set(["queued", "running", "retrying"]);
 
 async function tokenFor(user) {
-  const resp = await fetch("/api/demo/token", { method: "POST", body: JSON.stringify({ user }) });
+  const resp = await fetch("/api/demo/token", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ user }),
+  });
   const data = await resp.json();
   if (!resp.ok) throw new Error(data.error || "could not get a token");
   return data.token;
 }
 
+function el(tag, text, attrs = {}) {
+  const node = document.createElement(tag);
+  if (text !== undefined) node.textContent = text;
+  Object.assign(node, attrs);
+  return node;
+}
+
+function seconds(s) {
+  if (s < 60) return `${Math.ceil(s)} s`;
+  return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+}
+
 class Pane {
-  constructor(user) {
+  constructor(user, group) {
     this.user = user;
-    this.el = template.content.firstElementChild.cloneNode(true);
-    this.$ = (sel) => this.el.querySelector(sel);
+    this.groupId = group;
+    this.node = template.content.firstElementChild.cloneNode(true);
+    this.node.dataset.user = user;
+    this.node.dataset.group = group;
+    this.$ = (sel) => this.node.querySelector(sel);
     this.$(".who").textContent = user;
-    this.seq = null;        // last durable seq seen: resume point
-    this.job = null;        // the job being watched
+    this.$(".group-name").textContent = group;
     this.titles = new Map(); // song id -> "title — artist"
-    this.retries = 0;
-    this.closedByUs = false;
-    this.$(".sort").onclick = () => this.send({ type: "sort", group: GROUP, ref: "sort" });
-    this.$(".cancel").onclick = () => this.job && this.send({ type: "cancel", job: this.job, ref: "cancel" });
-    this.$(".kill").onclick = () => this.ws && this.ws.close(4000, "killed from the demo page");
-    this.$(".remove").onclick = () => { this.closedByUs = true; this.ws && this.ws.close(); this.el.remove(); };
-    panes.append(this.el);
-    this.loadPlaylist().then(() => this.connect());
+    this.online = new Set();
+    this.jobId = null;
+    this.placed = 0;
+
+    this.client = connect({ url: WS_URL, getToken: () => tokenFor(user) });
+    this.group = this.client.group(group);
+    this.wire();
+    this.$(".sort").onclick = () => this.sort();
+    this.$(".cancel").onclick = () => this.jobId && this.group.cancel(this.jobId).catch((e) => this.notice(e.message, "error"));
+    this.$(".kill").onclick = () => this.client.ws?.close(4000, "killed from the demo page");
+    this.$(".toggle").onclick = () => this.toggle();
+    this.$(".remove").onclick = () => {
+      this.client.close();
+      this.node.remove();
+    };
+    panes.append(this.node);
+    this.loadPlaylist();
   }
 
-  setState(state) {
-    const s = this.$(".state");
-    s.textContent = state;
-    s.className = `state ${state.split(" ")[0]}`;
+  wire() {
+    const g = this.group;
+    g.on("state", (s) => this.onState(s));
+    g.on("presence", (e) => {
+      e.type === "presence.joined" ? this.online.add(e.user) : this.online.delete(e.user);
+      this.showOnline();
+    });
+    g.on("queued", (e) => this.watch(e.job, "Queued — a worker will pick it up in a moment."));
+    g.on("started", (e) => this.watch(e.job, e.attempt > 1 ? `Attempt ${e.attempt} started.` : "Sorting…"));
+    g.on("progress", (e) => this.progress(e));
+    g.on("partial", (e) => this.partial(e.songs));
+    g.on("retrying", (e) => {
+      this.setStatus("retrying");
+      this.notice(`${e.error.message} Trying again in ${seconds(e.retry_in_s)} (attempt ${e.attempt}).`, "warn");
+    });
+    g.on("completed", (e) => {
+      const r = e.job.result;
+      this.finish("completed", `Sorted ${r.order.length} songs into ${r.categories.length} categories.`, "ok");
+      this.render(r.categories, r.order);
+    });
+    g.on("failed", (e) => this.finish("failed", `Smart sort failed: ${e.job.error.message}`, "error"));
+    g.on("cancelled", (e) => this.finish("cancelled", `Cancelled by ${e.by}.`, ""));
+    g.on("playlist", (e) => { if (e.change !== "sorted") this.loadPlaylist(); });
+    g.on("event", (e) => this.log(e));
+    g.on("error", (err) => {
+      this.notice(`${err.code}: ${err.message}`, "error");
+      if (err.code === "forbidden" || err.code === "not_found") {
+        // The join was refused: say so rather than showing a live badge.
+        this.$(".state").textContent = "refused";
+        this.$(".state").className = "state closed";
+        this.node.dataset.state = "refused";
+        this.$(".sort").disabled = true;
+      }
+    });
+  }
+
+  onState(s) {
+    let label = s.state;
+    if (s.state === "reconnecting" && this.group.seq !== null) label = `reconnecting (since ${this.group.seq})`;
+    if (s.state === "gap-reload") label = "live (reloaded)";
+    const badge = this.$(".state");
+    badge.textContent = label;
+    badge.className = `state ${s.state}`;
+    this.node.dataset.state = s.state;
+    this.$(".toggle").textContent = s.state === "closed" ? "Reconnect" : "Disconnect";
+    if (!s.snapshot) return;
+    this.online = new Set(s.snapshot.online);
+    this.showOnline();
+    const job = s.snapshot.job;
+    if (s.state === "gap-reload") this.loadPlaylist();
+    if (job && ACTIVE.has(job.status)) {
+      this.watch(job);
+      if (job.progress.total) this.progress({ stage: job.stage || job.status, ...job.progress, message: "" });
+    }
+  }
+
+  toggle() {
+    if (this.client.closed) this.client.reopen();
+    else this.client.close();
+  }
+
+  async sort() {
+    this.$(".sort").disabled = true;
+    try {
+      const { job, deduplicated } = await this.group.sort();
+      this.watch(job, deduplicated ? "A sort is already running — watching it." : "Smart sort started…");
+    } catch (err) {
+      this.$(".sort").disabled = false;
+      this.notice(err.code === "rate_limited" ? `Slow down: ${err.message}` : err.message, "error");
+    }
+  }
+
+  setStatus(status) {
+    this.node.dataset.status = status;
   }
 
   notice(text, kind = "") {
@@ -42,152 +144,96 @@ class Pane {
     n.className = `notice ${kind}`;
   }
 
+  showOnline() {
+    this.$(".online").textContent = `Online: ${[...this.online].sort().join(", ") || "nobody"}`;
+  }
+
   log(frame) {
-    const li = document.createElement("li");
-    if (frame.seq) li.value = frame.seq;
-    li.textContent = `${frame.type}${frame.stage ? " " + frame.stage : ""}${frame.message ? " — " + frame.message : ""}`;
+    const li = el("li", `${frame.type}${frame.stage ? " " + frame.stage : ""}${frame.user ? " " + frame.user : ""}`);
+    if (frame.seq !== undefined) {
+      li.value = frame.seq;
+      li.dataset.seq = frame.seq;
+    }
+    li.dataset.type = frame.type;
     const log = this.$(".log");
     log.append(li);
-    while (log.children.length > 200) log.firstChild.remove();
-    log.scrollTop = log.scrollHeight;
+    while (log.children.length > 300) log.firstChild.remove();
+    this.$(".log-count").textContent = `(${log.children.length}, last seq ${this.group.seq ?? "–"})`;
   }
 
-  async connect() {
-    this.setState(this.seq === null ? "connecting" : "reconnecting");
-    let token;
-    try {
-      token = await tokenFor(this.user);
-    } catch (err) {
-      this.notice(err.message, "error");
-      return this.retry();
+  watch(job, message) {
+    if (this.jobId !== job.id) {
+      this.jobId = job.id;
+      this.placed = 0;
+      this.$(".partial").replaceChildren();
     }
-    const since = this.seq === null ? "" : `&since=${this.seq}`;
-    const ws = new WebSocket(`${wsBase}?token=${encodeURIComponent(token)}&group=${GROUP}${since}`);
-    this.ws = ws;
-    ws.onmessage = (msg) => this.onFrame(JSON.parse(msg.data));
-    ws.onclose = (ev) => {
-      if (this.ws !== ws) return;
-      this.setState("closed");
-      if (!this.closedByUs && ev.code !== 1008) this.retry();
-    };
-  }
-
-  retry() {
-    const delay = Math.min(5000, 250 * 2 ** this.retries++) * (0.5 + Math.random() / 2);
-    this.setState("reconnecting");
-    setTimeout(() => this.connect(), delay);
-  }
-
-  send(frame) {
-    if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(frame));
-  }
-
-  onFrame(f) {
-    if (f.seq !== undefined && f.type !== "joined") {
-      if (this.seq !== null && f.seq <= this.seq) return; // already seen
-      this.seq = f.seq;
-    }
-    this.log(f);
-    switch (f.type) {
-      case "joined":
-        this.retries = 0;
-        this.setState(this.seq === null ? "live" : f.recovered ? "resumed" : "live (reloaded)");
-        if (this.seq === null || !f.recovered) {
-          this.seq = f.seq;
-          this.loadPlaylist();
-        }
-        this.$(".online").textContent = `Online: ${f.snapshot.online.join(", ")}`;
-        if (f.snapshot.job && ["queued", "running", "retrying"].includes(f.snapshot.job.status)) this.watch(f.snapshot.job);
-        break;
-      case "presence.joined":
-      case "presence.left": {
-        const list = new Set(this.$(".online").textContent.replace("Online: ", "").split(", ").filter(Boolean));
-        f.type === "presence.joined" ? list.add(f.user) : list.delete(f.user);
-        this.$(".online").textContent = `Online: ${[...list].sort().join(", ")}`;
-        break;
-      }
-      case "sort.accepted":
-        this.watch(f.job);
-        this.notice(f.deduplicated ? "A sort is already running — watching it." : "Smart sort started…");
-        break;
-      case "job.queued": this.watch(f.job); break;
-      case "job.started": this.watch(f.job); this.notice(f.attempt > 1 ? `Attempt ${f.attempt}…` : "Sorting…"); break;
-      case "job.progress": this.progress(f); break;
-      case "job.partial": this.partial(f.songs); break;
-      case "job.retrying": this.notice(`${f.error.message} — retrying in ${f.retry_in_s}s`, "error"); break;
-      case "job.completed":
-        this.finish(`Sorted ${f.job.result.order.length} songs into ${f.job.result.categories.length} categories.`, "ok");
-        this.render(f.job.result.categories, f.job.result.order);
-        break;
-      case "job.failed": this.finish(`Smart sort failed: ${f.job.error.message}`, "error"); break;
-      case "job.cancelled": this.finish(`Cancelled by ${f.by}.`, ""); break;
-      case "playlist.updated": if (f.change !== "sorted") this.loadPlaylist(); break;
-      case "error": this.notice(`${f.code}: ${f.message}`, "error"); break;
-    }
-  }
-
-  watch(job) {
-    this.job = job.id;
+    this.setStatus(job.status);
     this.$(".progress").hidden = false;
     this.$(".cancel").disabled = false;
     this.$(".sort").disabled = true;
+    if (message) this.notice(message);
   }
 
-  progress(f) {
+  progress(e) {
+    this.setStatus("running");
     this.$(".progress").hidden = false;
-    this.$("progress").value = f.percent;
-    const eta = f.eta_s ? `, about ${Math.ceil(f.eta_s)}s left` : "";
-    this.$(".progress-text").textContent = `${f.stage}: ${f.done}/${f.total} (${f.percent}%)${eta} — ${f.message}`;
+    const bar = this.$("progress");
+    bar.value = e.percent;
+    bar.setAttribute("aria-valuetext", `${e.stage} ${e.percent}%`);
+    const eta = e.eta_s ? ` · about ${seconds(e.eta_s)} left` : "";
+    this.$(".progress-text").textContent = `${e.stage}: ${e.done} of ${e.total} (${Math.round(e.percent)}%)${eta}`;
+    this.node.dataset.percent = e.percent;
   }
 
   partial(songs) {
-    const box = this.$(".playlist");
+    const box = this.$(".partial");
     for (const s of songs) {
-      let list = box.querySelector(`ol[data-category="${CSS.escape(s.category)}"]`);
+      let list = box.querySelector(`ul[data-category="${CSS.escape(s.category)}"]`);
       if (!list) {
-        const h = document.createElement("h3");
-        h.textContent = s.category;
-        list = document.createElement("ol");
+        list = el("ul");
         list.dataset.category = s.category;
-        box.append(h, list);
+        box.append(el("h4", s.category), list);
       }
-      const li = document.createElement("li");
-      li.className = "fresh";
-      li.textContent = this.titles.get(s.song) || s.song;
-      list.append(li);
+      list.append(el("li", this.titles.get(s.song) || s.song, { className: "fresh" }));
+      this.placed += 1;
     }
+    this.$(".partial-count").textContent = `${this.placed} placed so far`;
   }
 
-  finish(text, kind) {
+  finish(status, text, kind) {
+    this.setStatus(status);
     this.notice(text, kind);
-    this.$(".progress-text").textContent = text;
+    this.$(".progress-text").textContent = status === "completed" ? "Done." : "";
+    if (status === "completed") this.$("progress").value = 100;
     this.$(".cancel").disabled = true;
     this.$(".sort").disabled = false;
-    this.$("progress").value = 100;
-    this.job = null;
+    this.$(".partial").replaceChildren();
+    this.$(".partial-count").textContent = "";
+    this.jobId = null;
   }
 
   render(categories, order) {
     const box = this.$(".playlist");
     box.replaceChildren();
     for (const c of categories) {
-      const h = document.createElement("h3");
-      h.textContent = `${c.name} (${c.songs.length})`;
-      const ol = document.createElement("ol");
-      for (const id of c.songs) {
-        const li = document.createElement("li");
-        li.textContent = this.titles.get(id) || id;
-        ol.append(li);
-      }
-      box.append(h, ol);
+      const ol = el("ol");
+      for (const id of c.songs) ol.append(el("li", this.titles.get(id) || id));
+      box.append(el("h3", `${c.name} (${c.songs.length})`), ol);
     }
+    const flow = el("ol", undefined, { className: "order" });
+    for (const id of order) flow.append(el("li", this.titles.get(id) || id));
+    const details = el("details");
+    details.append(el("summary", `Play order (${order.length} songs, a flowing energy arc)`), flow);
+    box.append(details);
     box.dataset.order = order.join(",");
   }
 
   async loadPlaylist() {
     try {
       const token = await tokenFor(this.user);
-      const resp = await fetch(`/api/groups/${GROUP}/playlist`, { headers: { Authorization: `Bearer ${token}` } });
+      const resp = await fetch(`/api/groups/${encodeURIComponent(this.groupId)}/playlist`, {
+        headers: { Authorization: `Bearer ${token}` },
+      });
       const data = await resp.json();
       if (!resp.ok) return this.notice(data.error, "error");
       for (const s of data.songs) this.titles.set(s.id, `${s.title} — ${s.artist}`);
@@ -202,11 +248,15 @@ class Pane {
   }
 }
 
-const members = (new URLSearchParams(location.search).get("members") || "alice,bob,carol").split(",");
-members.forEach((m) => new Pane(m.trim()));
+// ?members=alice,bob,carol,erin@night-owls — a name alone is a member of ?group= (demo).
+const members = (params.get("members") || "alice,bob,carol,erin@night-owls").split(",");
+for (const m of members) {
+  const [user, group] = m.trim().split("@");
+  if (user) new Pane(user, group || DEFAULT_GROUP);
+}
 document.getElementById("add-member").onsubmit = (ev) => {
   ev.preventDefault();
   const name = document.getElementById("member-name").value.trim();
-  if (name) new Pane(name);
+  const group = document.getElementById("member-group").value.trim() || DEFAULT_GROUP;
+  if (name) new Pane(name, group);
 };
-window.smartsortPanes = panes;

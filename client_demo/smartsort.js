@@ -164,10 +164,20 @@ export class Client extends Emitter {
     });
   }
 
+  /** Close the socket for good (until reopen()); the groups keep their place. */
   close() {
+    clearTimeout(this._timer);
     this.closed = true;
     this._setState("closed");
     this.ws?.close(1000);
+  }
+
+  /** Connect again after close(), rejoining every group from where it stopped. */
+  reopen() {
+    if (!this.closed) return;
+    this.closed = false;
+    this.attempt = 0;
+    this._open();
   }
 
   _send(frame) {
@@ -189,6 +199,7 @@ export class Client extends Emitter {
   }
 
   async _open() {
+    if (this.closed) return;
     this._setState(this.attempt === 0 ? "connecting" : "reconnecting");
     let token = this.token;
     try {
@@ -241,7 +252,7 @@ export class Client extends Emitter {
   _retry() {
     const delay = Math.min(this.maxBackoffMs, this.backoffMs * 2 ** this.attempt++) * (0.5 + Math.random() / 2);
     this._setState("reconnecting");
-    setTimeout(() => this._open(), delay);
+    this._timer = setTimeout(() => this._open(), delay);
   }
 
   _onFrame(frame) {
