@@ -25,6 +25,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check server tests bench
 	$(BIN)/mypy
 
+schemas: $(STAMP)
+	$(BIN)/python -m server.schemas docs
+
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
