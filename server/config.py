@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     allowed_origins: str = Field("", alias="SMARTSORT_ALLOWED_ORIGINS")
     data_dir: Path = Field(Path(".smartsort"), alias="SMARTSORT_DATA_DIR")
     demo: bool = Field(False, alias="SMARTSORT_DEMO")
+    # Bearer token for the operators' jobs view (/admin); unset: open in demo mode only.
+    admin_token: str | None = Field(None, alias="SMARTSORT_ADMIN_TOKEN")
     log_level: str = Field("INFO", alias="LOG_LEVEL")
     log_format: Literal["text", "json"] = Field("text", alias="LOG_FORMAT")
 

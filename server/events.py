@@ -13,6 +13,8 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from .metrics import METRICS
+
 log = logging.getLogger(__name__)
 
 CHANNEL_PREFIX = "ss:g:"
@@ -77,6 +79,7 @@ async def publish(redis: aioredis.Redis, events: Iterable[Event]) -> None:
                 n += 1
             if n:
                 await pipe.execute()
+                METRICS.events_published.inc(n)
     except (RedisError, OSError) as err:
         log.warning("publish failed (%s); subscribers will fill the gap from PostgreSQL", err)
 
@@ -114,6 +117,21 @@ async def oldest_retained(db: asyncpg.Pool | asyncpg.Connection, group: str) -> 
 
 _PROGRESS_HEAD = b'{"type":"job.progress",'
 _JOB_FIELD = b'"job":"'
+
+
+_TS_FIELD = b'"ts":"'
+
+
+def event_time(data: bytes) -> float | None:
+    """The commit timestamp of an encoded durable event (epoch seconds), for lag metrics."""
+    start = data.find(_TS_FIELD)
+    if start < 0:
+        return None
+    start += len(_TS_FIELD)
+    try:
+        return datetime.fromisoformat(data[start : start + 24].decode()).timestamp()
+    except ValueError:
+        return None
 
 
 def progress_key(data: bytes) -> bytes | None:

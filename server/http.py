@@ -309,7 +309,51 @@ async def readyz(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    METRICS.joined.set(hub.joined())
+    METRICS.groups_live.set(len(hub.feeds))
+    try:
+        counts = await asyncio.wait_for(jobs.active_counts(request.app[POOL_KEY]), 2)
+    except Exception as err:  # noqa: BLE001 - metrics must render without the database
+        log.warning("metrics: job counts unavailable: %r", err)
+    else:
+        for state in jobs.ACTIVE:
+            METRICS.jobs_active.labels(state).set(counts.get(state, 0))
     return web.Response(body=METRICS.render(), content_type="text/plain", charset="utf-8")
+
+
+def require_operator(request: web.Request) -> None:
+    """The jobs view: SMARTSORT_ADMIN_TOKEN as a Bearer token (or ?token=); else demo mode only."""
+    import hmac
+
+    settings = request.app[SETTINGS_KEY]
+    if settings.admin_token:
+        given = bearer(request.headers.get("Authorization")) or request.query.get("token") or ""
+        if not hmac.compare_digest(given.encode(), settings.admin_token.encode()):
+            raise ProtocolError("unauthorized", "the jobs view needs SMARTSORT_ADMIN_TOKEN")
+    elif not settings.demo:
+        raise ProtocolError("forbidden", "set SMARTSORT_ADMIN_TOKEN to open the jobs view")
+
+
+@routes.get("/admin/jobs")
+async def admin_jobs(request: web.Request) -> web.Response:
+    """Running and recent jobs for operators: stage, progress, attempts, errors, durations."""
+    require_operator(request)
+    try:
+        limit = min(500, max(1, int(request.query.get("limit", "100"))))
+    except ValueError:
+        raise ProtocolError("bad_request", "query 'limit' must be an integer") from None
+    recent = await jobs.recent_for_operators(request.app[POOL_KEY], limit)
+    counts = await jobs.active_counts(request.app[POOL_KEY])
+    return web.json_response(
+        {"counts": counts, "jobs": recent}, dumps=lambda o: orjson.dumps(o).decode()
+    )
+
+
+@routes.get("/admin")
+async def admin_page(request: web.Request) -> web.FileResponse:
+    require_operator(request)
+    return web.FileResponse(CLIENT_DIR / "admin.html")
 
 
 @routes.get("/")

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from . import events
 from .events import EPHEMERAL
+from .metrics import METRICS
 from .protocol import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,7 @@ class Hub:
             return
         if missing:
             self.gap_fills += 1
+            METRICS.gap_fills.inc()
         for ev in missing:
             if ev.seq == feed.last_seq + 1:
                 feed.last_seq = ev.seq
@@ -230,6 +232,14 @@ class Hub:
         for cursor in list(feed.subscribers):
             cursor.push(seq, data, key)
         self.delivered += len(feed.subscribers)
+        METRICS.events_delivered.inc(len(feed.subscribers))
+        if seq != EPHEMERAL:
+            committed = events.event_time(data)
+            if committed is not None:
+                METRICS.fanout_lag.observe(max(0.0, time.time() - committed))
+
+    def joined(self) -> int:
+        return sum(len(feed.subscribers) for feed in self.feeds.values())
 
 
 HUB_KEY = web.AppKey("hub", Hub)

@@ -126,6 +126,55 @@ async def recent(pool: asyncpg.Pool, group: str, limit: int) -> list[dict[str, A
     return [job_object(r) for r in rows]
 
 
+async def active_counts(db: asyncpg.Pool | asyncpg.Connection) -> dict[str, int]:
+    """How many jobs are queued, running and retrying (the queue depth is 'queued')."""
+    rows = await db.fetch(
+        "SELECT status, count(*) AS n FROM jobs WHERE status = ANY($1::text[]) GROUP BY status",
+        ACTIVE,
+    )
+    return {r["status"]: r["n"] for r in rows}
+
+
+async def recent_for_operators(
+    db: asyncpg.Pool | asyncpg.Connection, limit: int
+) -> list[dict[str, Any]]:
+    """Unfinished jobs, then the latest finished ones; no results or song data, only the run."""
+    columns = (
+        "SELECT id, group_id, status, stage, done, total, attempt, requested_by, error,"
+        "  lease_owner, created_at, started_at, finished_at,"
+        "  extract(epoch FROM coalesce(finished_at, clock_timestamp()) - started_at) AS run_s,"
+        "  extract(epoch FROM started_at - created_at) AS wait_s FROM jobs"
+    )
+    # Two index-backed halves (jobs_one_active, jobs_recent), never a sort of the whole table.
+    rows = await db.fetch(
+        f"({columns} WHERE status = ANY($1::text[]) ORDER BY created_at DESC LIMIT $2)"
+        f" UNION ALL ({columns} WHERE NOT status = ANY($1::text[])"
+        "  ORDER BY created_at DESC LIMIT $2)",
+        ACTIVE,
+        limit,
+    )
+    rows = rows[:limit]
+    return [
+        {
+            "id": str(r["id"]),
+            "group": r["group_id"],
+            "status": r["status"],
+            "stage": r["stage"],
+            "progress": {"done": r["done"], "total": r["total"]},
+            "attempt": r["attempt"],
+            "requested_by": r["requested_by"],
+            "worker": r["lease_owner"],
+            "error": r["error"],
+            "created_at": events.iso(r["created_at"]),
+            "started_at": events.iso(r["started_at"]),
+            "finished_at": events.iso(r["finished_at"]),
+            "wait_s": None if r["wait_s"] is None else round(float(r["wait_s"]), 3),
+            "run_s": None if r["run_s"] is None else round(float(r["run_s"]), 3),
+        }
+        for r in rows
+    ]
+
+
 async def active(db: asyncpg.Pool | asyncpg.Connection, group: str) -> dict[str, Any] | None:
     """The group's queued or running job, else its newest one, for snapshots."""
     row = await db.fetchrow(

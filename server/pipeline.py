@@ -150,6 +150,7 @@ async def analysis_stage(
     cache = {r["track_key"]: r["analysis"] for r in cached_rows}
     analyses: dict[str, Any] = {s.id: cache[keys[s.id]] for s in songs if keys[s.id] in cache}
     todo = [s for s in songs if s.id not in analyses]
+    METRICS.llm_cache_hits.inc(len(analyses))
     stats: dict[str, Any] = {
         "songs": total,
         "analysed": 0,

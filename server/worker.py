@@ -7,6 +7,8 @@ import logging
 import os
 import time
 import uuid
+from datetime import datetime
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -42,6 +44,16 @@ def make_metadata(settings: Settings) -> MetadataProvider:
     return StoredMetadata()
 
 
+def _observe_duration(job: dict[str, Any]) -> None:
+    """Job duration from first start to end (the job object's ISO times)."""
+    if job.get("started_at") and job.get("finished_at"):
+        started = datetime.fromisoformat(job["started_at"])
+        finished = datetime.fromisoformat(job["finished_at"])
+        METRICS.job_duration.labels(job["status"]).observe(
+            max(0.0, (finished - started).total_seconds())
+        )
+
+
 async def execute(
     tools: Tools,
     redis: aioredis.Redis,
@@ -57,6 +69,7 @@ async def execute(
         job, evs = await run_pipeline(tools, rep, lease)
         await rep.emit(evs)
         METRICS.jobs_finished.labels("completed").inc()
+        _observe_duration(job)
         stats = job["result"]["stats"]
         log.info(
             "job %s done in %.2fs (%d songs, %d analysed, %d cached, %d LLM calls)",
@@ -94,6 +107,7 @@ async def execute(
             await events.publish(redis, evs)
             if job["status"] == "failed":
                 METRICS.jobs_finished.labels("failed").inc()
+                _observe_duration(job)
             log.warning(
                 "job %s attempt %d: %s -> %s",
                 lease.job[:8],
@@ -259,6 +273,10 @@ class WorkerPool:
                 continue
             lease, row, evs = claimed
             await events.publish(self.redis, evs)
+            if lease.attempt == 1 and row["started_at"] is not None:
+                METRICS.enqueue_to_start.observe(
+                    max(0.0, (row["started_at"] - row["created_at"]).total_seconds())
+                )
             log.info(
                 "job %s started (attempt %d) for group %s",
                 lease.job[:8],

@@ -431,6 +431,8 @@ async def _join(conn: Connection, cmd: JoinCommand) -> None:
     }
     if cmd.ref is not None:
         joined["ref"] = cmd.ref
+    if since is not None:
+        METRICS.resumes.labels("true" if recovered else "false").inc()
     conn.reply(joined)
     if replay:
         conn.send(replay)
