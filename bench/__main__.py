@@ -11,7 +11,7 @@ import sys
 from importlib import import_module, metadata
 from pathlib import Path
 
-CASES = ["arrange", "ack"]
+CASES = ["arrange", "ack", "fanout", "idle"]
 
 
 def machine() -> dict[str, object]:

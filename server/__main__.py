@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 from aiohttp import web
 
 from .config import SETTINGS_KEY, Settings
+
+LOOPS = ("auto", "uvloop", "asyncio")
 
 
 class JsonFormatter(logging.Formatter):
@@ -38,6 +41,20 @@ def configure_logging(settings: Settings) -> None:
     logging.getLogger("pgserver").setLevel(logging.WARNING)
 
 
+def use_loop(choice: str) -> str:
+    """Install uvloop's event loop policy when asked (or, for auto, when it is installed)."""
+    if choice == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("--loop uvloop: uvloop is not installed") from None
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     from .app import AccessLogger, create_app
     from .auth import issue_token
@@ -46,12 +63,13 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
         settings.demo = True
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
+    loop_name = use_loop(args.loop)
     app = create_app(settings, workers=args.workers)
 
     def announce(_: str) -> None:
         # run_app calls this once the sockets are bound, so "listening" is true when printed.
         shown = "localhost" if host in ("0.0.0.0", "::", "") else host
-        print(f"Smart Sort Live is listening on http://{shown}:{port}/", flush=True)
+        print(f"Smart Sort Live is listening on http://{shown}:{port}/ ({loop_name})", flush=True)
         if settings.demo:
             token = issue_token(settings.secret(), "alice", 12 * 3600)
             print(f"  Demo page:  http://{shown}:{port}/", flush=True)
@@ -99,6 +117,7 @@ async def _run_contexts(settings: Settings, concurrency: int) -> None:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:
+    use_loop(args.loop)
     asyncio.run(_run_contexts(settings, args.concurrency))
 
 
@@ -136,8 +155,6 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_watch(settings: Settings, args: argparse.Namespace) -> None:
-    import os
-
     from .auth import issue_token
     from .watch import watch
 
@@ -158,9 +175,16 @@ def main(argv: list[str] | None = None) -> None:
         "--workers", type=int, default=1, help="in-process worker coroutines (0 = web only)"
     )
     p.add_argument("--demo", action="store_true", help="seed demo data and enable demo tokens")
+    p.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default=os.environ.get("SMARTSORT_LOOP", "auto"),
+        help="event loop: uvloop when installed (auto, the default), or asyncio",
+    )
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("worker", help="worker-only process")
     p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--loop", choices=LOOPS, default=os.environ.get("SMARTSORT_LOOP", "auto"))
     p.set_defaults(func=cmd_worker)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
     sub.add_parser("seed-demo", help="create the demo data").set_defaults(func=cmd_seed_demo)

@@ -116,7 +116,12 @@ async def execute(
                 job["status"],
             )
         except LeaseLost:
-            pass
+            # E.g. frozen past the lease inside a transaction: the database ended that session,
+            # the step failed, and recording the failure is fenced out like any other write.
+            log.info(
+                "job %s: lease lost (cancelled or taken over); stopping without writing",
+                lease.job[:8],
+            )
         except Exception as err2:  # noqa: BLE001 - e.g. the database is down
             # Leave the job running: its lease expires and the sweep retries it.
             log.warning(

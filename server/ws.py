@@ -41,6 +41,32 @@ log = logging.getLogger(__name__)
 # A close frame with code 1013, written raw when the socket's writer may be blocked.
 _CLOSE_1013 = b"\x88\x02" + CLOSE_TRY_AGAIN.to_bytes(2, "big")
 MAX_REPLAY = 10_000
+# A socket whose transport holds more unsent bytes than this takes the queued path (and its
+# deadline), so the direct write never buffers without bound for a peer that stopped reading.
+DIRECT_WRITE_MAX_BUFFERED = 32 * 1024
+
+_last_payload: bytes | None = None
+_last_frame = b""
+
+
+def text_frame(payload: bytes) -> bytes:
+    """The whole server-to-client WebSocket text frame (unmasked, uncompressed) of ``payload``.
+
+    The hub hands the same bytes object to every subscriber of an event, one after another, so
+    remembering the last one builds each event's frame once, not once per socket.
+    """
+    global _last_payload, _last_frame
+    if payload is _last_payload:
+        return _last_frame
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x81, n))
+    elif n < 65536:
+        header = bytes((0x81, 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + n.to_bytes(8, "big")
+    _last_payload, _last_frame = payload, header + payload
+    return _last_frame
 
 
 def json_error(status: int, code: str, message: str) -> web.Response:
@@ -55,7 +81,8 @@ class Connection:
         "user",
         "app",
         "outbox",
-        "wake",
+        "queue_max",
+        "finished",
         "cursors",
         "close_code",
         "dropped",
@@ -67,6 +94,7 @@ class Connection:
         "strikes",
         "last_active",
         "transport",
+        "busy",
         "__weakref__",
     )
 
@@ -82,8 +110,11 @@ class Connection:
         self.ws = ws
         self.user = user
         self.transport = transport
-        self.outbox = Outbox(settings.send_queue_max)
-        self.wake = asyncio.Event()
+        self.busy = False  # the writer task holds frames not yet written
+        self.finished = False  # the writer closed the socket, or found the peer gone
+        # Created on first use: most sockets only ever take the direct path.
+        self.outbox: Outbox | None = None
+        self.queue_max = settings.send_queue_max
         self.cursors: dict[str, Cursor] = {}
         self.close_code: int | None = None
         self.dropped = False
@@ -98,13 +129,39 @@ class Connection:
     # -- sending -----------------------------------------------------------------------------
 
     def send(self, data: bytes | list[bytes], key: bytes | None = None) -> None:
-        """Queue a frame (or a replay); never blocks. A socket that overflows is dropped."""
+        """Send a frame (or a replay); never blocks. A socket that overflows is dropped.
+
+        The fast path: with nothing queued or in flight and a transport that keeps up, the frame
+        is written straight to the transport (the same bytes for every socket of the event), no
+        task wakes up. Otherwise it is queued for this socket's writer, which owns the deadline,
+        the coalescing and the 1013.
+        """
         if self.close_code is not None:
             return
+        transport = self.transport
+        if (
+            not self.busy
+            and (self.outbox is None or not self.outbox.items)
+            and type(data) is bytes
+            and transport is not None
+            and transport.get_write_buffer_size() <= DIRECT_WRITE_MAX_BUFFERED
+            and not transport.is_closing()
+            and not self.ws.closed
+        ):
+            transport.write(text_frame(data))
+            return
+        if self.outbox is None:
+            self.outbox = Outbox(self.queue_max)
         if not self.outbox.put(data, key):
             self.drop("its send queue overflowed")
             return
-        self.wake.set()
+        self._kick()
+
+    def _kick(self) -> None:
+        """Start the writer task if it is not running: it exists only while there is work, so an
+        idle socket costs no task (and most sockets never need one: see send)."""
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.create_task(self._write(), name=f"ws-send-{self.user}")
 
     def reply(self, frame: dict[str, Any]) -> None:
         self.send(orjson.dumps(frame))
@@ -113,7 +170,8 @@ class Connection:
         """Ask the writer to close with ``code`` after what is already queued."""
         if self.close_code is None:
             self.close_code = code
-            self.wake.set()
+            if not self.dropped:
+                self._kick()
 
     def drop(self, why: str) -> None:
         """Close a socket that fell behind with 1013 at once, without waiting on the peer.
@@ -126,7 +184,8 @@ class Connection:
             return
         self.dropped = True
         self.close_code = CLOSE_TRY_AGAIN
-        self.outbox.clear()
+        if self.outbox is not None:
+            self.outbox.clear()
         METRICS.slow_closes.inc()
         log.info("dropping socket of %s (1013): %s", self.user, why)
         if self.writer is not None and not self.writer.done():
@@ -137,33 +196,37 @@ class Connection:
             transport.close()  # flushes what it can, then closes
             asyncio.get_running_loop().call_later(self.send_timeout_s, transport.abort)
 
-    async def send_loop(self) -> None:
-        """The socket's only writer; returns when the socket is closed or the peer is gone."""
-        try:
-            await self._send_all()
-        except TimeoutError:
-            # The peer stopped reading and the kernel buffers are full.
-            self.drop("the send deadline passed")
-        except (ConnectionError, RuntimeError) as err:
-            log.debug("socket of %s gone while sending: %r", self.user, err)
+    async def _write(self) -> None:
+        """The socket's writer while it has work: the queue in order, then the close if asked.
 
-    async def _send_all(self) -> None:
+        The only place that waits on the peer, always under a deadline; when the deadline passes
+        the socket is dropped (1013).
+        """
         ws = self.ws
-        outbox = self.outbox
+        outbox = self.outbox if self.outbox is not None else Outbox(0)
         timeout = self.send_timeout_s
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
+        self.busy = True
+        try:
             while outbox:
                 item = outbox.get()
                 frames = item if isinstance(item, list) else (item,)
                 for data in frames:
-                    # A peer that never reads would block this send forever: give it a deadline.
+                    # A peer that never reads would block this send forever: a deadline.
                     await asyncio.wait_for(ws.send_frame(data, WSMsgType.TEXT), timeout)
                 METRICS.frames_out.inc(len(frames))
-            if self.close_code is not None:
+            self.busy = False
+            if self.close_code is not None and not self.finished:
+                self.finished = True
                 await asyncio.wait_for(ws.close(code=self.close_code), timeout)
-                return
+        except TimeoutError:
+            # The peer stopped reading and the kernel buffers are full.
+            self.finished = True
+            self.drop("the send deadline passed")
+        except (ConnectionError, RuntimeError) as err:
+            self.finished = True
+            log.debug("socket of %s gone while sending: %r", self.user, err)
+        finally:
+            self.busy = False
 
     # -- rate limit (token bucket) -----------------------------------------------------------
 
@@ -216,7 +279,6 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     per_user[identity.user] += 1
     METRICS.connections.inc()
     log.info("socket open: user %s", identity.user)
-    writer = conn.writer = asyncio.create_task(conn.send_loop(), name=f"ws-send-{identity.user}")
     expiry = asyncio.get_running_loop().call_later(
         max(0.0, identity.expires_at - time.time()), conn.close, CLOSE_TOKEN_EXPIRED
     )
@@ -235,7 +297,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     try:
         if "group" in request.query:
             await _join_from_query(conn, request)
-        await _read_loop(conn, writer)
+        await _read_loop(conn)
     except Exception:
         log.exception("socket of %s failed", identity.user)
         conn.close(CLOSE_INTERNAL)
@@ -248,15 +310,16 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             del per_user[identity.user]
         METRICS.connections.dec()
         # The rest must finish even if aiohttp cancels this handler (handler_cancellation).
-        await asyncio.shield(_finish(conn, writer, request))
+        await asyncio.shield(_finish(conn, request))
     return ws
 
 
-async def _finish(conn: Connection, writer: asyncio.Task[None], request: web.Request) -> None:
+async def _finish(conn: Connection, request: web.Request) -> None:
     """Leave every group, let the writer flush and close, then let go of the transport."""
     await _leave_all(conn)
-    if not writer.done():
-        conn.close(conn.close_code or 1000)
+    conn.close(conn.close_code or 1000)
+    writer = conn.writer
+    if writer is not None and not writer.done():
         # asyncio.wait, not wait_for: a writer cancelled by drop() must not raise here.
         await asyncio.wait({writer}, timeout=conn.send_timeout_s)
         writer.cancel()
@@ -277,10 +340,10 @@ async def _join_from_query(conn: Connection, request: web.Request) -> None:
     await _handle(conn, orjson.dumps(raw))
 
 
-async def _read_loop(conn: Connection, writer: asyncio.Task[None]) -> None:
+async def _read_loop(conn: Connection) -> None:
     ws = conn.ws
     async for msg in ws:
-        if writer.done():
+        if conn.finished:
             break
         conn.last_active = time.monotonic()
         if msg.type == WSMsgType.TEXT:
