@@ -7,9 +7,11 @@ import random
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from . import events
 from .db import ACQUIRE_TIMEOUT_S
@@ -64,6 +66,32 @@ def parse_job_id(job: str) -> uuid.UUID:
         raise ProtocolError("not_found", "no such job") from None
 
 
+# One statement, one round trip: check membership, insert the job (unless the group has an
+# active one or the key was used), take the group's next seq and append job.queued, notify the
+# workers. The event's bytes are built here around the seq ($7 || seq || $8), exactly as
+# events.append would encode them.
+_ENQUEUE = """
+WITH m AS (
+    SELECT EXISTS (SELECT 1 FROM members WHERE group_id = $2 AND user_id = $3) AS member
+    FROM groups WHERE id = $2
+), ins AS (
+    INSERT INTO jobs (id, group_id, status, requested_by, idempotency_key, options,
+                      created_at, run_after)
+    SELECT $1, $2, 'queued', $3, $4, $5, $6, $6 FROM m WHERE m.member
+    ON CONFLICT DO NOTHING RETURNING id
+), s AS (
+    UPDATE groups SET last_seq = last_seq + 1
+    WHERE id = $2 AND EXISTS (SELECT 1 FROM ins) RETURNING last_seq
+), e AS (
+    INSERT INTO group_events (group_id, seq, type, ts, data)
+    SELECT $2, s.last_seq, 'job.queued', $6, $7 || s.last_seq::text || $8 FROM s
+    RETURNING seq
+)
+SELECT (SELECT member FROM m) AS member, (SELECT seq FROM e) AS seq,
+       CASE WHEN EXISTS (SELECT 1 FROM e) THEN pg_notify($9, $2) END AS notified
+"""
+
+
 async def enqueue(
     pool: asyncpg.Pool,
     group: str,
@@ -71,7 +99,65 @@ async def enqueue(
     options: Mapping[str, Any],
     idempotency_key: str | None,
 ) -> tuple[dict[str, Any], bool, list[Event]]:
-    """Queue a sort, or return the group's active job (or the key's job) as deduplicated."""
+    """Queue a sort for a member, or return the group's active job (or the key's job) as
+    deduplicated. not_found for an unknown group, forbidden for a non-member."""
+    job_id = uuid.uuid4()
+    now = datetime.now(UTC)
+    job = new_job_object(job_id, group, user, now)
+    head = orjson.dumps({"type": "job.queued", "group": group})[:-1] + b',"seq":'
+    tail = b',"ts":"' + (events.iso(now) or "").encode() + b'","job":' + orjson.dumps(job) + b"}"
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+        row = await conn.fetchrow(
+            _ENQUEUE,
+            job_id,
+            group,
+            user,
+            idempotency_key,
+            dict(options),
+            now,
+            head.decode(),
+            tail.decode(),
+            NOTIFY_CHANNEL,
+        )
+    if row["member"] is None:
+        raise ProtocolError("not_found", f"no such group '{group}'")
+    if not row["member"]:
+        raise ProtocolError("forbidden", f"you are not a member of group '{group}'")
+    if row["seq"] is not None:
+        seq = row["seq"]
+        return job, False, [Event(group, seq, head + str(seq).encode() + tail)]
+    # Not inserted: the group has an active job, or the key was used. Find it (slow path).
+    return await _existing_or_retry(pool, group, user, options, idempotency_key)
+
+
+def new_job_object(job_id: uuid.UUID, group: str, user: str, now: datetime) -> dict[str, Any]:
+    """The protocol's job object of a job just queued (the columns' defaults)."""
+    return job_object(
+        {
+            "id": job_id,
+            "group_id": group,
+            "status": "queued",
+            "stage": None,
+            "done": 0,
+            "total": 0,
+            "attempt": 0,
+            "requested_by": user,
+            "created_at": now,
+            "started_at": None,
+            "finished_at": None,
+            "error": None,
+            "result": None,
+        }
+    )
+
+
+async def _existing_or_retry(
+    pool: asyncpg.Pool,
+    group: str,
+    user: str,
+    options: Mapping[str, Any],
+    idempotency_key: str | None,
+) -> tuple[dict[str, Any], bool, list[Event]]:
     for _ in range(3):
         async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
             if idempotency_key:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pytest
+
+from server import jobs
 
 from .conftest import auth
 
@@ -201,3 +204,33 @@ async def test_events_past_retention_are_pruned_and_resume_says_not_recovered(
     assert kept["recovered"] is True
     replayed = await s.until(lambda f: f["type"] == "playlist.updated")
     assert replayed["seq"] == 3
+
+
+@pytest.mark.workers(0)
+async def test_the_one_statement_enqueue_stores_exactly_what_it_publishes(
+    client, connect, make_group, pool
+):
+    group, _ = await make_group(["one-ann", "one-bob"], songs=2)
+    s = await connect("one-bob")
+    await s.request("join", group=group)
+    accepted = await s.request("sort", group=group, options={"mode": "flow"})
+    queued = await s.until(lambda f: f["type"] == "job.queued")
+    # The job in the reply, in the event, and in the database agree.
+    assert queued["job"] == accepted["job"]
+    row = await pool.fetchrow(
+        "SELECT data FROM group_events WHERE group_id = $1 AND seq = $2", group, queued["seq"]
+    )
+    stored = orjson.loads(row["data"])
+    assert stored == queued
+    assert list(stored) == ["type", "group", "seq", "ts", "job"]  # events.append's field order
+    job = await pool.fetchrow("SELECT * FROM jobs WHERE id = $1::uuid", accepted["job"]["id"])
+    assert jobs.job_object(job) == accepted["job"]
+    assert job["options"] == {"mode": "flow"} and job["requested_by"] == "one-bob"
+    # Refusals come from the same statement, and leave nothing behind.
+    stranger = await connect("one-eve")
+    refused = await stranger.request("sort", group=group)
+    assert refused["code"] == "forbidden"
+    missing = await stranger.request("sort", group="no-such-group-here")
+    assert missing["code"] == "not_found"
+    count = await pool.fetchval("SELECT count(*) FROM jobs WHERE group_id = $1", group)
+    assert count == 1
