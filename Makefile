@@ -28,7 +28,11 @@ lint: $(STAMP)
 schemas: $(STAMP)
 	$(BIN)/python -m server.schemas docs
 
-bench: $(STAMP)
+$(VENV)/.bench-installed: pyproject.toml | $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,dev,bench]'
+	touch $@
+
+bench: $(STAMP) $(VENV)/.bench-installed
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:

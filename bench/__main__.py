@@ -11,7 +11,7 @@ import sys
 from importlib import import_module, metadata
 from pathlib import Path
 
-CASES = ["arrange", "ack", "fanout", "idle"]
+CASES = ["arrange", "ack", "start", "fanout", "idle", "throughput"]
 
 
 def machine() -> dict[str, object]:
@@ -49,15 +49,24 @@ def main() -> None:
         )
     args.cases = args.cases or CASES
     results: dict[str, object] = {"machine": machine(), "quick": args.quick}
-    for case in args.cases:
-        module = import_module(f"bench.{case}")
-        result = module.run(quick=args.quick)
-        results[case] = result
-        print(f"\n## {case}\n\n{module.table(result)}", flush=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%M%SZ")
     out = Path(__file__).parent / "results" / f"{stamp}.json"
-    out.write_text(json.dumps(results, indent=2))
+    failed = []
+    for case in args.cases:
+        module = import_module(f"bench.{case}")
+        try:
+            result = module.run(quick=args.quick)
+        except Exception as err:  # noqa: BLE001 - one broken case must not lose the others
+            results[case] = {"error": repr(err)}
+            failed.append(case)
+            print(f"\n## {case}\n\nFAILED: {err!r}", flush=True)
+        else:
+            results[case] = result
+            print(f"\n## {case}\n\n{module.table(result)}", flush=True)
+        out.write_text(json.dumps(results, indent=2))  # after every case
     print(f"\nsaved {out}")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

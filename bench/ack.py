@@ -121,14 +121,17 @@ async def _run(requesters: int, rounds: int) -> dict[str, Any]:
 
                 await asyncio.gather(*(requester(i) for i in range(requesters)))
 
-            await paced(one_ws, ws_ms, rounds)
-            await paced(one_http, http_ms, rounds)
-            paced_ws, paced_http = ws_ms[:], http_ms[:]
-            ws_ms.clear()
-            http_ms.clear()
             # Burst: all requesters at the same instant (queueing shows; reported, no target).
+            # The sockets go first: nobody reads them during the HTTP phases, so they would
+            # miss the server's heartbeat and be closed.
+            await paced(one_ws, ws_ms, rounds)
+            paced_ws = ws_ms[:]
+            ws_ms.clear()
             for r in range(rounds, rounds + 3):
                 await asyncio.gather(*(one_ws(i, r) for i in range(requesters)))
+            await paced(one_http, http_ms, rounds)
+            paced_http = http_ms[:]
+            http_ms.clear()
             for r in range(rounds, rounds + 3):
                 await asyncio.gather(*(one_http(i, r) for i in range(requesters)))
             for ws in sockets:
@@ -136,6 +139,7 @@ async def _run(requesters: int, rounds: int) -> dict[str, Any]:
     finally:
         proc.terminate()
         proc.wait()
+
     def summary(values: list[float]) -> dict[str, float]:
         return {
             "p50": pct(values, 50),
