@@ -207,8 +207,58 @@ async def _setup(data: Path) -> tuple[Any, dict[str, str]]:
     return urls, env
 
 
+def our_publisher(pool: Any, redis: Any) -> Publish:
+    """Append and publish an event exactly as a worker does, carrying its send time."""
+    from server import events
+
+    async def publish(bench_t: float) -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            ev = await events.append(
+                conn,
+                GROUP,
+                "playlist.updated",
+                version=0,
+                change="song_added",
+                song=None,
+                bench_t=bench_t,
+            )
+        await events.publish(redis, [ev])
+
+    return publish
+
+
+async def _drive(
+    servers: list[Proc],
+    ready_text: str,
+    gen: LoadGen,
+    publish: Publish,
+    n: int,
+    quick: bool,
+    idle: bool,
+) -> dict[str, Any]:
+    """Start the generator against running servers; idle: RSS per socket, else the fan-out."""
+    for s in servers:
+        await s.wait_for(ready_text)
+    rss0 = sum(rss_kib(s.proc.pid) for s in servers)
+    ready = await gen.start()
+    if idle:
+        await asyncio.sleep(2)  # let allocations settle
+        rss1 = sum(rss_kib(s.proc.pid) for s in servers)
+        return {
+            "ready": ready,
+            "rss_before_kib": rss0,
+            "rss_after_kib": rss1,
+            "kib_per_socket": round((rss1 - rss0) / n, 2),
+        }
+    result = await measure(gen, publish, [s.proc.pid for s in servers], quick)
+    result["ready"] = ready
+    return result
+
+
 async def ours(data: Path, n: int, processes: int, quick: bool, idle: bool) -> dict[str, Any]:
-    from server import db, events
+    import redis.asyncio as aioredis
+
+    from server import db
     from server.auth import issue_token
 
     urls, env = await _setup(data)
@@ -223,41 +273,12 @@ async def ours(data: Path, n: int, processes: int, quick: bool, idle: bool) -> d
     ]
     token = issue_token(SECRET, USER, 24 * 3600)
     gen = LoadGen("smartsort", [f"ws://127.0.0.1:{p}/ws?token={token}" for p in ports], n)
-    import redis.asyncio as aioredis
-
     pool = await db.create_pool(urls.database_url, min_size=1, max_size=2)
     redis = aioredis.from_url(urls.redis_url)
     try:
-        for s in servers:
-            await s.wait_for("listening on")
-        rss0 = sum(rss_kib(s.proc.pid) for s in servers)
-        ready = await gen.start()
-        if idle:
-            await asyncio.sleep(2)  # let allocations settle
-            rss1 = sum(rss_kib(s.proc.pid) for s in servers)
-            return {
-                "ready": ready,
-                "rss_before_kib": rss0,
-                "rss_after_kib": rss1,
-                "kib_per_socket": round((rss1 - rss0) / n, 2),
-            }
-
-        async def publish(bench_t: float) -> None:
-            async with pool.acquire() as conn, conn.transaction():
-                ev = await events.append(
-                    conn,
-                    GROUP,
-                    "playlist.updated",
-                    version=0,
-                    change="song_added",
-                    song=None,
-                    bench_t=bench_t,
-                )
-            await events.publish(redis, [ev])
-
-        result = await measure(gen, publish, [s.proc.pid for s in servers], quick)
-        result["ready"] = ready
-        return result
+        return await _drive(
+            servers, "listening on", gen, our_publisher(pool, redis), n, quick, idle
+        )
     finally:
         await gen.stop()
         for s in servers:
@@ -284,35 +305,20 @@ async def peer(data: Path, n: int, processes: int, quick: bool, idle: bool) -> d
     )
     mgr = socketio.AsyncRedisManager(urls.redis_url, write_only=True)
     seq = 0
+
+    async def publish(bench_t: float) -> None:
+        nonlocal seq
+        seq += 1
+        # The same payload our clients get (a seq, a type, the group), through its manager.
+        await mgr.emit(
+            "event",
+            {"type": "playlist.updated", "group": GROUP, "seq": seq, "bench_t": bench_t},
+            room=GROUP,
+            namespace="/",
+        )
+
     try:
-        for s in servers:
-            await s.wait_for("peer listening")
-        rss0 = sum(rss_kib(s.proc.pid) for s in servers)
-        ready = await gen.start()
-        if idle:
-            await asyncio.sleep(2)
-            rss1 = sum(rss_kib(s.proc.pid) for s in servers)
-            return {
-                "ready": ready,
-                "rss_before_kib": rss0,
-                "rss_after_kib": rss1,
-                "kib_per_socket": round((rss1 - rss0) / n, 2),
-            }
-
-        async def publish(bench_t: float) -> None:
-            nonlocal seq
-            seq += 1
-            # The same payload our clients get (a seq, a type, the group), through its manager.
-            await mgr.emit(
-                "event",
-                {"type": "playlist.updated", "group": GROUP, "seq": seq, "bench_t": bench_t},
-                room=GROUP,
-                namespace="/",
-            )
-
-        result = await measure(gen, publish, [s.proc.pid for s in servers], quick)
-        result["ready"] = ready
-        return result
+        return await _drive(servers, "peer listening", gen, publish, n, quick, idle)
     finally:
         await gen.stop()
         for s in servers:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.ack import SECRET, _port, pct
-from bench.fanout import GROUP, USER, LoadGen, Proc, _fresh_dir, _setup
+from bench.fanout import USER, LoadGen, Proc, _fresh_dir, _setup, our_publisher
 
 WORKERS = 8
 
@@ -41,7 +41,7 @@ async def _probe(client: Any, group: str) -> float:
 
 
 async def _run(quick: bool) -> dict[str, Any]:
-    from server import db, demo, events
+    from server import db, demo
     from server.auth import issue_token
     from server.client import Client
 
@@ -73,20 +73,12 @@ async def _run(quick: bool) -> dict[str, Any]:
             await gen.start()
             stop = asyncio.Event()
 
+            publish = our_publisher(pool, redis)
+
             async def background() -> None:
                 # The other group's steady traffic: 45 events/s to 1,000 sockets.
                 while not stop.is_set():
-                    async with pool.acquire() as conn, conn.transaction():
-                        ev = await events.append(
-                            conn,
-                            GROUP,
-                            "playlist.updated",
-                            version=0,
-                            change="song_added",
-                            song=None,
-                            bench_t=time.time() * 1000,
-                        )
-                    await events.publish(redis, [ev])
+                    await publish(time.time() * 1000)
                     await asyncio.sleep(1 / 45)
 
             traffic = asyncio.create_task(background())

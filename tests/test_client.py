@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from typing import Any
 
 import pytest
@@ -183,44 +182,26 @@ async def test_watch_prints_progress_and_exits_with_the_outcome(tmp_path, backen
     )
     server = ServerProcess(python_server("serve", "--port", str(port)), env)
     await server.start()
-    try:
-        watcher = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "server",
-            "watch",
-            group_id,
-            "--sort",
-            "--url",
-            f"ws://127.0.0.1:{port}/ws",
-            "--token",
-            token("pc-gus"),
+    url = f"ws://127.0.0.1:{port}/ws"
+
+    async def watch(*args: str) -> tuple[int | None, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *python_server("watch", group_id, "--url", url, *args),
             cwd=ROOT,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
-        out, _ = await asyncio.wait_for(watcher.communicate(), 60)
-        text = out.decode()
-        assert watcher.returncode == 0, text
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode, out.decode()
+
+    try:
+        code, text = await watch("--sort", "--token", token("pc-gus"))
+        assert code == 0, text
         assert "following job" in text and "completed: 6 songs" in text
         assert "analysis" in text  # the bar showed the stage
 
-        stranger = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "server",
-            "watch",
-            group_id,
-            "--url",
-            f"ws://127.0.0.1:{port}/ws",
-            "--token",
-            token("pc-not-a-member"),
-            cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        out, _ = await asyncio.wait_for(stranger.communicate(), 60)
-        assert stranger.returncode == 2, out.decode()
-        assert "forbidden" in out.decode()
+        code, text = await watch("--token", token("pc-not-a-member"))
+        assert code == 2, text
+        assert "forbidden" in text
     finally:
         await server.stop()
