@@ -28,6 +28,12 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
+def _with_query(url: str, query: str | None) -> str:
+    if not query:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}{query}"
+
+
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
     return round(values[min(len(values) - 1, int(p / 100 * len(values)))], 2)
@@ -48,7 +54,9 @@ async def _run(requesters: int, rounds: int) -> dict[str, Any]:
     port = _port()
     env = {
         **os.environ,
-        "DATABASE_URL": urls.database_url,
+        # e.g. SMARTSORT_BENCH_DB_QUERY="synchronous_commit=off" to see what WAL flushes cost
+        # (asyncpg passes unknown DSN query parameters on as server settings).
+        "DATABASE_URL": _with_query(urls.database_url, os.environ.get("SMARTSORT_BENCH_DB_QUERY")),
         "REDIS_URL": urls.redis_url,
         "SMARTSORT_JWT_SECRET": SECRET,
         "LOG_LEVEL": "WARNING",
