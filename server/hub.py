@@ -79,8 +79,6 @@ class Hub:
         self.feeds: dict[str, Feed] = {}
         self.pubsub: aioredis.client.PubSub | None = None
         self.connected = asyncio.Event()
-        self.delivered = 0
-        self.gap_fills = 0
 
     # -- subscribers -------------------------------------------------------------------------
 
@@ -197,7 +195,6 @@ class Hub:
             log.warning("gap fill for %s failed (%r); will retry", group, err)
             return
         if missing:
-            self.gap_fills += 1
             METRICS.gap_fills.inc()
         for ev in missing:
             if ev.seq == feed.last_seq + 1:
@@ -231,7 +228,6 @@ class Hub:
         key = events.progress_key(data)  # once per event, not once per socket
         for cursor in list(feed.subscribers):
             cursor.push(seq, data, key)
-        self.delivered += len(feed.subscribers)
         METRICS.events_delivered.inc(len(feed.subscribers))
         if seq != EPHEMERAL:
             committed = events.event_time(data)

@@ -28,7 +28,7 @@ class Metrics:
         self.tasks.set_function(_task_count)
         self.connections = Gauge("smartsort_ws_connections", "Open WebSockets", registry=r)
         self.messages_in = Counter("smartsort_ws_messages_in", "Client frames received", registry=r)
-        self.frames_out = Counter(
+        self.frames_queued = Counter(
             "smartsort_ws_frames_queued",
             "Frames written by a socket's writer task: replies, replays, and events for a socket "
             "that is behind (events written directly are counted in smartsort_events_delivered)",

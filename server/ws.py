@@ -203,7 +203,7 @@ class Connection:
         the socket is dropped (1013).
         """
         ws = self.ws
-        outbox = self.outbox if self.outbox is not None else Outbox(0)
+        outbox = self.outbox  # None when only a close was asked for
         timeout = self.send_timeout_s
         self.busy = True
         try:
@@ -213,8 +213,7 @@ class Connection:
                 for data in frames:
                     # A peer that never reads would block this send forever: a deadline.
                     await asyncio.wait_for(ws.send_frame(data, WSMsgType.TEXT), timeout)
-                METRICS.frames_out.inc(len(frames))
-            self.busy = False
+                METRICS.frames_queued.inc(len(frames))
             if self.close_code is not None and not self.finished:
                 self.finished = True
                 await asyncio.wait_for(ws.close(code=self.close_code), timeout)
