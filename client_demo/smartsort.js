@@ -200,7 +200,7 @@ export class Client extends Emitter {
 
   async _open() {
     if (this.closed) return;
-    this._setState(this.attempt === 0 ? "connecting" : "reconnecting");
+    if (this.attempt === 0) this._setState("connecting"); // _retry already said "reconnecting"
     let token = this.token;
     try {
       if (this.getToken && (!token || this._tokenExpired)) token = this.token = await this.getToken();

@@ -315,8 +315,8 @@ class Client:
         assert self._session is not None
         attempt = 0
         refresh = self.token is None
+        self._set_state("connecting")  # and "reconnecting" after every loss, below
         while self.state != "closed":
-            self._set_state("connecting" if attempt == 0 and self.hello is None else "reconnecting")
             close_code: int | None = None
             try:
                 if refresh and self.get_token is not None:
