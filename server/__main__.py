@@ -170,6 +170,15 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> None:
     sys.exit(asyncio.run(watch(url, token, args.group, start=args.sort)))
 
 
+def add_loop_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default=os.environ.get("SMARTSORT_LOOP", "auto"),
+        help="event loop: uvloop when installed (auto, the default), or asyncio",
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m server", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,16 +189,11 @@ def main(argv: list[str] | None = None) -> None:
         "--workers", type=int, default=1, help="in-process worker coroutines (0 = web only)"
     )
     p.add_argument("--demo", action="store_true", help="seed demo data and enable demo tokens")
-    p.add_argument(
-        "--loop",
-        choices=LOOPS,
-        default=os.environ.get("SMARTSORT_LOOP", "auto"),
-        help="event loop: uvloop when installed (auto, the default), or asyncio",
-    )
+    add_loop_option(p)
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("worker", help="worker-only process")
     p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--loop", choices=LOOPS, default=os.environ.get("SMARTSORT_LOOP", "auto"))
+    add_loop_option(p)
     p.set_defaults(func=cmd_worker)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
     sub.add_parser("seed-demo", help="create the demo data").set_defaults(func=cmd_seed_demo)
