@@ -7,11 +7,25 @@ from importlib import resources
 
 import asyncpg
 import orjson
+import redis.exceptions
 
 log = logging.getLogger(__name__)
 
 # Waiting longer than this for a pooled connection means the database is in trouble: say so.
 ACQUIRE_TIMEOUT_S = 10.0
+# Errors that mean PostgreSQL, Redis or the network went away for a moment (a restart, a session
+# the server ended, a connection broken mid-query): "unavailable, retry", never "internal".
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
+)
 # Any constant works; every process that migrates takes the same advisory lock.
 _MIGRATION_LOCK = 0x5EA7_5027
 

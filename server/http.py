@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from . import events, groups, jobs, service
 from .auth import AuthError, Identity, bearer, issue_token, verify_token
 from .config import SETTINGS_KEY
-from .db import POOL_KEY
+from .db import POOL_KEY, UNAVAILABLE_ERRORS
 from .events import REDIS_KEY
 from .hub import HUB_KEY, Cursor
 from .metrics import METRICS
@@ -57,15 +57,10 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
             )
             return json_error(exc.status, code, exc.reason)
         raise
-    except (TimeoutError, OSError) as err:
+    except UNAVAILABLE_ERRORS as err:
         log.warning("backend unavailable: %r", err)
         return json_error(503, "unavailable", "a backend is unavailable; retry")
-    except Exception as err:
-        from .ws import _is_backend_error
-
-        if _is_backend_error(err):
-            log.warning("backend unavailable: %r", err)
-            return json_error(503, "unavailable", "a backend is unavailable; retry")
+    except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return json_error(500, "internal", "internal error")
 

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from . import events, jobs
 from .analyzers import Analyzer, OfflineAnalyzer, OpenAIAnalyzer, UnconfiguredAnalyzer
 from .config import Settings
+from .db import UNAVAILABLE_ERRORS
 from .jobs import Lease, LeaseLost
 from .metadata import MetadataProvider, MusicBrainz, StoredMetadata
 from .metrics import METRICS
@@ -146,14 +147,7 @@ async def _hand_back(pool: asyncpg.Pool, redis: aioredis.Redis, lease: Lease) ->
 
 
 def _classify(err: Exception) -> JobError:
-    if isinstance(
-        err,
-        OSError
-        | asyncio.TimeoutError
-        | asyncpg.InterfaceError
-        | asyncpg.PostgresConnectionStatusError
-        | asyncpg.CannotConnectNowError,
-    ):
+    if isinstance(err, UNAVAILABLE_ERRORS):
         return JobError("unavailable", "the database or Redis was unavailable", True)
     return JobError("internal", "the sort failed unexpectedly", False)
 

@@ -14,7 +14,7 @@ from aiohttp import WSMsgType, web
 from . import events, groups, jobs, service
 from .auth import AuthError, bearer, origin_allowed, verify_token
 from .config import SETTINGS_KEY
-from .db import ACQUIRE_TIMEOUT_S, POOL_KEY
+from .db import ACQUIRE_TIMEOUT_S, POOL_KEY, UNAVAILABLE_ERRORS
 from .hub import HUB_KEY, Cursor
 from .metrics import METRICS
 from .outbox import Outbox
@@ -398,30 +398,12 @@ async def _handle(conn: Connection, raw: bytes | str) -> None:
         if err.ref is None and ref is not None:
             err.ref = ref
         _error(conn, err)
-    except (TimeoutError, OSError) as err:
+    except UNAVAILABLE_ERRORS as err:
         log.warning("backend unavailable for %s: %r", conn.user, err)
         _error(conn, ProtocolError("unavailable", "a backend is unavailable; retry", ref=ref))
-    except Exception as err:
-        if _is_backend_error(err):
-            log.warning("backend unavailable for %s: %r", conn.user, err)
-            _error(conn, ProtocolError("unavailable", "a backend is unavailable; retry", ref=ref))
-        else:
-            log.exception("handling a frame from %s failed", conn.user)
-            _error(conn, ProtocolError("internal", "internal error", ref=ref))
-
-
-def _is_backend_error(err: Exception) -> bool:
-    import asyncpg
-    import redis.exceptions
-
-    return isinstance(
-        err,
-        asyncpg.PostgresConnectionStatusError
-        | asyncpg.CannotConnectNowError
-        | asyncpg.InterfaceError
-        | redis.exceptions.ConnectionError
-        | redis.exceptions.TimeoutError,
-    )
+    except Exception:
+        log.exception("handling a frame from %s failed", conn.user)
+        _error(conn, ProtocolError("internal", "internal error", ref=ref))
 
 
 def _answer(conn: Connection, ref: str | None, frame: dict[str, Any]) -> None:

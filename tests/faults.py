@@ -138,9 +138,13 @@ def thaw(proc: ServerProcess) -> None:
 
 async def wait_for_output(proc: ServerProcess, text: str, timeout: float = 30) -> None:
     """Wait until the process has printed ``text`` (its log is read continuously)."""
-    async with asyncio.timeout(timeout):
-        while not any(text in line for line in proc.output):
-            await proc.output_changed()
+    try:
+        async with asyncio.timeout(timeout):
+            while not any(text in line for line in proc.output):
+                await proc.output_changed()
+    except TimeoutError:
+        tail = "\n".join(proc.output[-40:])
+        raise AssertionError(f"{text!r} not printed in {timeout}s; last lines:\n{tail}") from None
 
 
 def raw_ws(port: int, path: str, rcvbuf: int = 4096) -> tuple[socket.socket, bytes]:

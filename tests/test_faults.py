@@ -507,3 +507,22 @@ async def test_sigterm_of_a_worker_hands_its_job_to_another(tmp_path, pool, make
         await web.stop()
         if second is not None:
             await second.stop()
+
+
+async def test_a_database_session_ended_mid_step_is_a_retryable_failure(pool, backends):
+    """What a worker sees after the server ended its session (frozen, restarted, killed)."""
+    from server.worker import _classify
+
+    conn = await asyncpg.connect(backends.database_url)
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("SELECT 1")
+        await pool.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+        with pytest.raises(Exception) as lost:
+            await conn.execute("SELECT 1")
+    finally:
+        conn.terminate()
+    failure = _classify(lost.value)
+    assert (failure.code, failure.retryable) == ("unavailable", True), repr(lost.value)
+    assert _classify(ValueError("bad data")).retryable is False
