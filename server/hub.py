@@ -142,7 +142,7 @@ class Hub:
         if ps is not None:
             try:
                 # Closing a pub/sub connection to a dead server can hang: bound it.
-                await asyncio.wait_for(ps.aclose(), 2)  # type: ignore[no-untyped-call]
+                await asyncio.wait_for(ps.aclose(), 2)
             except Exception as err:  # noqa: BLE001
                 log.debug("closing pubsub: %r", err)
 
