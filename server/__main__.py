@@ -97,11 +97,11 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
 
 
 async def _run_contexts(settings: Settings, concurrency: int) -> None:
-    from .app import backends_ctx, worker_ctx
+    from .app import backends_ctx, publisher_ctx, worker_ctx
 
     app = web.Application()
     app[SETTINGS_KEY] = settings
-    ctxs = [backends_ctx(app), worker_ctx(concurrency)(app)]
+    ctxs = [backends_ctx(app), publisher_ctx(app), worker_ctx(concurrency)(app)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -15,7 +15,7 @@ from aiohttp.abc import AbstractAccessLogger
 from . import db, demo, embedded
 from .config import SETTINGS_KEY, Settings
 from .db import POOL_KEY
-from .events import REDIS_KEY
+from .events import PUBLISHER_KEY, REDIS_KEY, Publisher
 from .http import CLIENT_DIR, errors_middleware, routes
 from .hub import HUB_KEY, Hub
 from .presence import PRESENCE_KEY, Presence
@@ -67,6 +67,15 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.wait_for(pool.close(), 10)
 
 
+async def publisher_ctx(app: web.Application) -> AsyncIterator[None]:
+    publisher = app[PUBLISHER_KEY] = Publisher(app[REDIS_KEY])
+    task = asyncio.create_task(publisher.run(), name="publisher")
+    yield
+    # Workers and sockets have stopped: publish what they left, briefly.
+    await publisher.flush(2.0)
+    await cancel_and_wait(task)
+
+
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     hub = app[HUB_KEY] = Hub(app[REDIS_KEY], app[POOL_KEY])
     presence = app[PRESENCE_KEY] = Presence(app[REDIS_KEY], app[SETTINGS_KEY].presence_ttl_s)
@@ -84,7 +93,7 @@ def worker_ctx(n: int):  # type: ignore[no-untyped-def]
             yield
             return
         workers = app[WORKERS_KEY] = WorkerPool(
-            app[DSN_KEY], app[POOL_KEY], app[REDIS_KEY], app[SETTINGS_KEY], n
+            app[DSN_KEY], app[POOL_KEY], app[PUBLISHER_KEY], app[SETTINGS_KEY], n
         )
         workers.start()
         yield
@@ -125,7 +134,7 @@ def create_app(settings: Settings, workers: int = 1) -> web.Application:
     connections: set[Connection] = set()
     app[CONNECTIONS_KEY] = connections
     app[PER_USER_KEY] = Counter()
-    app.cleanup_ctx.extend([backends_ctx, hub_ctx, sockets_ctx, worker_ctx(workers)])
+    app.cleanup_ctx.extend([backends_ctx, publisher_ctx, hub_ctx, sockets_ctx, worker_ctx(workers)])
     app.on_shutdown.append(close_sockets)
     app.router.add_get("/ws", websocket_handler)
     app.router.add_routes(routes)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,25 +45,51 @@ class Event:
         return b"%d " % self.seq + self.data
 
 
+def frame_parts(group: str, type_: str, now: datetime, fields: dict[str, Any]) -> tuple[str, str]:
+    """A durable event's frame split around its seq: ``head + str(seq) + tail``.
+
+    The seq is only known inside the database statement that takes it, so SQL joins the parts;
+    the field order (type, group, seq, ts, then ``fields``) is what progress_key relies on.
+    """
+    head = orjson.dumps({"type": type_, "group": group})[:-1] + b',"seq":'
+    rest = orjson.dumps(fields)[1:-1]
+    tail = b',"ts":"' + (iso(now) or "").encode() + b'"' + (b"," + rest if rest else b"") + b"}"
+    return head.decode(), tail.decode()
+
+
+def assembled(group: str, seq: int, head: str, tail: str) -> Event:
+    """The Event whose frame SQL stored as ``head || seq || tail``."""
+    return Event(group, seq, f"{head}{seq}{tail}".encode())
+
+
+# Take the group's next seq and store the frame as two CTEs (s, then e RETURNING seq), for one
+# statement to do it all; callers add CTEs before them (``guard`` may refer to those) and their
+# own final SELECT. Placeholders name the statement's parameters.
+APPEND_CTES = """s AS (
+    UPDATE groups SET last_seq = last_seq + 1 WHERE id = {group} {guard} RETURNING last_seq
+), e AS (
+    INSERT INTO group_events (group_id, seq, type, ts, data)
+    SELECT {group}, s.last_seq, {type}, {ts}, {head} || s.last_seq::text || {tail} FROM s
+    RETURNING seq
+)"""
+_APPEND = (
+    "WITH "
+    + APPEND_CTES.format(group="$1", guard="", type="$2", ts="$3", head="$4", tail="$5")
+    + " SELECT seq FROM e"
+)
+
+
 async def append(conn: asyncpg.Connection, group: str, type_: str, **fields: Any) -> Event:
-    """Append a durable event with the group's next seq; call inside the change's transaction."""
-    seq = await conn.fetchval(
-        "UPDATE groups SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq", group
-    )
+    """Append a durable event with the group's next seq; call inside the change's transaction.
+
+    One round trip: the seq is taken and the frame stored by a single statement.
+    """
+    now = datetime.now(UTC)
+    head, tail = frame_parts(group, type_, now, fields)
+    seq = await conn.fetchval(_APPEND, group, type_, now, head, tail)
     if seq is None:
         raise LookupError(f"group {group!r} does not exist")
-    now = datetime.now(UTC)
-    body = {"type": type_, "group": group, "seq": seq, "ts": iso(now), **fields}
-    data = orjson.dumps(body)
-    await conn.execute(
-        "INSERT INTO group_events (group_id, seq, type, ts, data) VALUES ($1, $2, $3, $4, $5)",
-        group,
-        seq,
-        type_,
-        now,
-        data.decode(),
-    )
-    return Event(group, seq, data)
+    return assembled(group, seq, head, tail)
 
 
 def ephemeral(group: str, type_: str, **fields: Any) -> Event:
@@ -82,6 +110,57 @@ async def publish(redis: aioredis.Redis, events: Iterable[Event]) -> None:
                 METRICS.events_published.inc(n)
     except (RedisError, OSError) as err:
         log.warning("publish failed (%s); subscribers will fill the gap from PostgreSQL", err)
+
+
+class Publisher:
+    """Publishes committed events from one background task, in order, many per round trip.
+
+    Whoever commits an event hands it over and moves on: a sort is acknowledged, and a worker
+    takes its next step, without waiting for Redis. Publishing was always best effort (Redis
+    pub/sub is at-most-once; the hub fills gaps from PostgreSQL), so when Redis is slow or down
+    the oldest pending events beyond ``max_pending`` are let go rather than held.
+    """
+
+    def __init__(self, redis: aioredis.Redis, max_pending: int = 10_000, batch: int = 500) -> None:
+        self.redis = redis
+        self.max_pending = max_pending
+        self.batch = batch
+        self.pending: deque[Event] = deque()
+        self.more = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def send(self, events: Iterable[Event]) -> None:
+        """Queue events for publishing; never blocks."""
+        self.pending.extend(events)
+        if not self.pending:
+            return
+        excess = len(self.pending) - self.max_pending
+        if excess > 0:
+            for _ in range(excess):
+                self.pending.popleft()
+            METRICS.publish_dropped.inc(excess)
+            log.warning("publish queue full: %d events left to gap filling", excess)
+        self.idle.clear()
+        self.more.set()
+
+    async def run(self) -> None:
+        """The publishing task: drain the queue, one pipeline per batch."""
+        pending = self.pending
+        while True:
+            await self.more.wait()
+            self.more.clear()
+            while pending:
+                n = min(len(pending), self.batch)
+                await publish(self.redis, [pending.popleft() for _ in range(n)])
+            self.idle.set()
+
+    async def flush(self, timeout: float) -> None:
+        """Wait (bounded) until everything queued so far has been handed to Redis."""
+        try:
+            await asyncio.wait_for(self.idle.wait(), timeout)
+        except TimeoutError:
+            log.warning("%d events not published at shutdown", len(self.pending))
 
 
 async def read_since(
@@ -159,3 +238,4 @@ def parse_wire(payload: bytes) -> tuple[int, bytes]:
 from aiohttp import web  # noqa: E402
 
 REDIS_KEY = web.AppKey("redis", aioredis.Redis)
+PUBLISHER_KEY = web.AppKey("publisher", Publisher)

@@ -9,13 +9,13 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from . import events, groups, jobs, service
 from .auth import AuthError, Identity, bearer, issue_token, verify_token
 from .config import SETTINGS_KEY
 from .db import POOL_KEY, UNAVAILABLE_ERRORS
-from .events import REDIS_KEY
+from .events import PUBLISHER_KEY, REDIS_KEY
 from .hub import HUB_KEY, Cursor
 from .metrics import METRICS
 from .protocol import GroupId, ProtocolError, clip, describe
@@ -74,11 +74,12 @@ def identify(request: web.Request) -> Identity:
         raise ProtocolError("unauthorized", str(err)) from None
 
 
-def group_param(request: web.Request) -> str:
-    from pydantic import TypeAdapter
+_GROUP_ID = TypeAdapter(GroupId)
 
+
+def group_param(request: web.Request) -> str:
     try:
-        return TypeAdapter(GroupId).validate_python(request.match_info["group"])
+        return _GROUP_ID.validate_python(request.match_info["group"])
     except ValidationError:
         raise ProtocolError("not_found", "no such group") from None
 
@@ -180,7 +181,7 @@ async def add_songs(request: web.Request) -> web.Response:
     except ValidationError as err:
         raise ProtocolError("bad_request", describe(err)) from None
     added, evs = await groups.add_songs(pool, group, user, songs)
-    await events.publish(request.app[REDIS_KEY], evs)
+    request.app[PUBLISHER_KEY].send(evs)
     return web.json_response({"success": True, "songs": added}, status=201, dumps=_dumps)
 
 
@@ -191,7 +192,7 @@ async def remove_song(request: web.Request) -> web.Response:
     pool = request.app[POOL_KEY]
     await groups.require_member(pool, group, user)
     evs = await groups.remove_song(pool, group, clip(request.match_info["song"], 64))
-    await events.publish(request.app[REDIS_KEY], evs)
+    request.app[PUBLISHER_KEY].send(evs)
     return web.Response(status=204)
 
 

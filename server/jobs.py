@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import orjson
 
 from . import events
 from .db import ACQUIRE_TIMEOUT_S
@@ -66,30 +65,36 @@ def parse_job_id(job: str) -> uuid.UUID:
         raise ProtocolError("not_found", "no such job") from None
 
 
-# One statement, one round trip: check membership, insert the job (unless the group has an
-# active one or the key was used), take the group's next seq and append job.queued, notify the
-# workers. The event's bytes are built here around the seq ($7 || seq || $8), exactly as
-# events.append would encode them.
-_ENQUEUE = """
-WITH m AS (
+# One statement, one round trip: count the user's sort in this minute's window, check
+# membership, insert the job (unless the group has an active one, the key was used or the user is
+# over the limit), take the group's next seq and append job.queued, notify the workers.
+_ENQUEUE = (
+    """
+WITH r AS (
+    INSERT INTO sort_windows (user_id, minute, n) VALUES ($3, $10, 1)
+    ON CONFLICT (user_id, minute) DO UPDATE SET n = sort_windows.n + 1 RETURNING n
+), m AS (
     SELECT EXISTS (SELECT 1 FROM members WHERE group_id = $2 AND user_id = $3) AS member
     FROM groups WHERE id = $2
 ), ins AS (
     INSERT INTO jobs (id, group_id, status, requested_by, idempotency_key, options,
                       created_at, run_after)
-    SELECT $1, $2, 'queued', $3, $4, $5, $6, $6 FROM m WHERE m.member
+    SELECT $1, $2, 'queued', $3, $4, $5, $6, $6 FROM m, r WHERE m.member AND r.n <= $11
     ON CONFLICT DO NOTHING RETURNING id
-), s AS (
-    UPDATE groups SET last_seq = last_seq + 1
-    WHERE id = $2 AND EXISTS (SELECT 1 FROM ins) RETURNING last_seq
-), e AS (
-    INSERT INTO group_events (group_id, seq, type, ts, data)
-    SELECT $2, s.last_seq, 'job.queued', $6, $7 || s.last_seq::text || $8 FROM s
-    RETURNING seq
-)
-SELECT (SELECT member FROM m) AS member, (SELECT seq FROM e) AS seq,
+), """
+    + events.APPEND_CTES.format(
+        group="$2",
+        guard="AND EXISTS (SELECT 1 FROM ins)",
+        type="'job.queued'",
+        ts="$6",
+        head="$7",
+        tail="$8",
+    )
+    + """
+SELECT (SELECT n FROM r) AS sorts, (SELECT member FROM m) AS member, (SELECT seq FROM e) AS seq,
        CASE WHEN EXISTS (SELECT 1 FROM e) THEN pg_notify($9, $2) END AS notified
 """
+)
 
 
 async def enqueue(
@@ -98,14 +103,16 @@ async def enqueue(
     user: str,
     options: Mapping[str, Any],
     idempotency_key: str | None,
+    sorts_per_minute: int,
 ) -> tuple[dict[str, Any], bool, list[Event]]:
     """Queue a sort for a member, or return the group's active job (or the key's job) as
-    deduplicated. not_found for an unknown group, forbidden for a non-member."""
+    deduplicated. rate_limited past ``sorts_per_minute`` (every attempt counts, on every
+    process), not_found for an unknown group, forbidden for a non-member."""
     job_id = uuid.uuid4()
     now = datetime.now(UTC)
+    minute = int(now.timestamp() // 60)
     job = new_job_object(job_id, group, user, now)
-    head = orjson.dumps({"type": "job.queued", "group": group})[:-1] + b',"seq":'
-    tail = b',"ts":"' + (events.iso(now) or "").encode() + b'","job":' + orjson.dumps(job) + b"}"
+    head, tail = events.frame_parts(group, "job.queued", now, {"job": job})
     async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
         row = await conn.fetchrow(
             _ENQUEUE,
@@ -115,19 +122,34 @@ async def enqueue(
             idempotency_key,
             dict(options),
             now,
-            head.decode(),
-            tail.decode(),
+            head,
+            tail,
             NOTIFY_CHANNEL,
+            minute,
+            sorts_per_minute,
+        )
+    if row["sorts"] > sorts_per_minute:
+        raise ProtocolError(
+            "rate_limited",
+            f"too many sorts: at most {sorts_per_minute} a minute",
+            retry_after_s=(minute + 1) * 60 - now.timestamp(),
         )
     if row["member"] is None:
         raise ProtocolError("not_found", f"no such group '{group}'")
     if not row["member"]:
         raise ProtocolError("forbidden", f"you are not a member of group '{group}'")
     if row["seq"] is not None:
-        seq = row["seq"]
-        return job, False, [Event(group, seq, head + str(seq).encode() + tail)]
+        return job, False, [events.assembled(group, row["seq"], head, tail)]
     # Not inserted: the group has an active job, or the key was used. Find it (slow path).
     return await _existing_or_retry(pool, group, user, options, idempotency_key)
+
+
+async def prune_sort_windows(pool: asyncpg.Pool) -> None:
+    """Forget sort-rate windows older than the previous minute."""
+    await pool.execute(
+        "DELETE FROM sort_windows"
+        " WHERE minute < floor(extract(epoch FROM clock_timestamp()) / 60) - 1"
+    )
 
 
 def new_job_object(job_id: uuid.UUID, group: str, user: str, now: datetime) -> dict[str, Any]:
@@ -293,29 +315,43 @@ async def cancel(pool: asyncpg.Pool, job: str, by: str) -> tuple[dict[str, Any],
     return obj, [ev]
 
 
+# Claim the oldest runnable job under a lease and append its job.started, in one statement. The
+# frame is built in SQL (ss_job_json, migration 004) because the job is only known in there.
+_CLAIM = """
+WITH next AS (
+    SELECT id FROM jobs WHERE status IN ('queued', 'retrying') AND run_after <= clock_timestamp()
+    ORDER BY run_after, created_at FOR UPDATE SKIP LOCKED LIMIT 1
+), c AS (
+    UPDATE jobs j SET status = 'running', attempt = j.attempt + 1, lease_owner = $1,
+        lease_expires_at = clock_timestamp() + make_interval(secs => $2),
+        started_at = coalesce(j.started_at, clock_timestamp()), error = NULL
+    FROM next WHERE j.id = next.id RETURNING j.*, ss_job_json(j) AS job_json
+), s AS (
+    UPDATE groups g SET last_seq = g.last_seq + 1 FROM c WHERE g.id = c.group_id
+    RETURNING g.last_seq
+), e AS (
+    INSERT INTO group_events (group_id, seq, type, ts, data)
+    SELECT c.group_id, s.last_seq, 'job.started', $3,
+        '{"type":"job.started","group":' || to_json(c.group_id)::text || ',"seq":' || s.last_seq
+        || ',"ts":"' || ss_iso($3) || '","job":' || c.job_json
+        || ',"attempt":' || c.attempt || '}'
+    FROM c, s RETURNING seq, data
+)
+SELECT c.*, e.seq AS event_seq, e.data AS event_data FROM c, e
+"""
+
+
 async def claim(
     pool: asyncpg.Pool, owner: str, lease_s: float
 ) -> tuple[Lease, asyncpg.Record, list[Event]] | None:
-    """Take the oldest runnable job, if any, under a lease."""
-    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
-        row = await conn.fetchrow(
-            "WITH next AS (SELECT id FROM jobs WHERE status IN ('queued', 'retrying')"
-            "   AND run_after <= clock_timestamp() ORDER BY run_after, created_at"
-            "   FOR UPDATE SKIP LOCKED LIMIT 1)"
-            " UPDATE jobs j SET status = 'running', attempt = j.attempt + 1, lease_owner = $1,"
-            "   lease_expires_at = clock_timestamp() + make_interval(secs => $2),"
-            "   started_at = coalesce(j.started_at, clock_timestamp()), error = NULL"
-            " FROM next WHERE j.id = next.id RETURNING j.*",
-            owner,
-            lease_s,
-        )
-        if row is None:
-            return None
-        ev = await events.append(
-            conn, row["group_id"], "job.started", job=job_object(row), attempt=row["attempt"]
-        )
-    lease = Lease(str(row["id"]), row["group_id"], row["attempt"], owner, lease_s)
-    return lease, row, [ev]
+    """Take the oldest runnable job, if any, under a lease (one round trip)."""
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+        row = await conn.fetchrow(_CLAIM, owner, lease_s, datetime.now(UTC))
+    if row is None:
+        return None
+    group = row["group_id"]
+    lease = Lease(str(row["id"]), group, row["attempt"], owner, lease_s)
+    return lease, row, [Event(group, row["event_seq"], row["event_data"].encode())]
 
 
 _FENCE = (
@@ -346,6 +382,59 @@ async def renew(pool: asyncpg.Pool, lease: Lease) -> None:
         await _fenced_update(conn, lease, "")
 
 
+def _fenced_append_sql(sets: str, n_set_args: int) -> str:
+    """A fenced job update and the event it announces, in one statement (no event, and no
+    update, when the lease is gone). Parameters: the fence's four, the sets', then the event's
+    group, type, ts, head and tail."""
+    first = 5 + n_set_args
+    group, type_, ts, head, tail = (f"${first + i}" for i in range(5))
+    return (
+        f"WITH f AS (UPDATE jobs SET {sets}{',' if sets else ''}{_FENCE} RETURNING 1), "
+        + events.APPEND_CTES.format(
+            group=group,
+            guard="AND EXISTS (SELECT 1 FROM f)",
+            type=type_,
+            ts=ts,
+            head=head,
+            tail=tail,
+        )
+        + " SELECT seq FROM e"
+    )
+
+
+_PROGRESS = _fenced_append_sql("stage = $5, done = $6, total = $7", 3)
+_PARTIAL = _fenced_append_sql("", 0)
+
+
+async def _fenced_append(
+    pool: asyncpg.Pool,
+    lease: Lease,
+    sql: str,
+    set_args: Sequence[Any],
+    type_: str,
+    fields: dict[str, Any],
+) -> list[Event]:
+    now = datetime.now(UTC)
+    head, tail = events.frame_parts(lease.group, type_, now, fields)
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+        seq = await conn.fetchval(
+            sql,
+            uuid.UUID(lease.job),
+            lease.owner,
+            lease.attempt,
+            lease.lease_s,
+            *set_args,
+            lease.group,
+            type_,
+            now,
+            head,
+            tail,
+        )
+    if seq is None:
+        raise LeaseLost(lease.job)
+    return [events.assembled(lease.group, seq, head, tail)]
+
+
 async def progress(
     pool: asyncpg.Pool,
     lease: Lease,
@@ -366,19 +455,17 @@ async def progress(
     }
     if eta_s is not None:
         fields["eta_s"] = round(eta_s, 1)
-    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
-        await _fenced_update(conn, lease, "stage = $5, done = $6, total = $7", stage, done, total)
-        return [await events.append(conn, lease.group, "job.progress", **fields)]
+    return await _fenced_append(
+        pool, lease, _PROGRESS, (stage, done, total), "job.progress", fields
+    )
 
 
 async def partial(
     pool: asyncpg.Pool, lease: Lease, songs: Sequence[Mapping[str, Any]]
 ) -> list[Event]:
-    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
-        await _fenced_update(conn, lease, "")
-        return [
-            await events.append(conn, lease.group, "job.partial", job=lease.job, songs=list(songs))
-        ]
+    return await _fenced_append(
+        pool, lease, _PARTIAL, (), "job.partial", {"job": lease.job, "songs": list(songs)}
+    )
 
 
 async def complete(

@@ -67,6 +67,11 @@ class Metrics:
         self.events_published = Counter(
             "smartsort_events_published", "Events published to Redis", registry=r
         )
+        self.publish_dropped = Counter(
+            "smartsort_publish_dropped",
+            "Committed events never published (queue full while Redis was slow); gap-filled",
+            registry=r,
+        )
         self.events_delivered = Counter(
             "smartsort_events_delivered",
             "Events handed to local sockets (one per socket)",

@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 
-from . import events, jobs
+from . import jobs
 from .analyzers import AnalysisError, Analyzer, BatchOutcome, CallBudget
 from .config import Settings
-from .events import Event
+from .events import Event, Publisher
 from .jobs import Lease
 from .metadata import MetadataProvider
 from .metrics import METRICS
@@ -34,12 +33,12 @@ class Reporter:
     def __init__(
         self,
         pool: asyncpg.Pool,
-        redis: aioredis.Redis,
+        publisher: Publisher,
         lease: Lease,
         interval_s: float,
         stopping: asyncio.Event | None = None,
     ) -> None:
-        self.pool, self.redis, self.lease, self.interval_s = pool, redis, lease, interval_s
+        self.pool, self.publisher, self.lease, self.interval_s = pool, publisher, lease, interval_s
         self.stopping = stopping
         self.last_sent = 0.0
         self.stage_started: dict[str, float] = {}
@@ -49,8 +48,8 @@ class Reporter:
         if self.stopping is not None and self.stopping.is_set():
             raise HandBack(self.lease.job)
 
-    async def emit(self, evs: list[Event]) -> None:
-        await events.publish(self.redis, evs)
+    def emit(self, evs: list[Event]) -> None:
+        self.publisher.send(evs)
 
     async def progress(self, stage: str, done: int, total: int, message: str) -> None:
         now = time.monotonic()
@@ -61,12 +60,10 @@ class Reporter:
             return
         self.last_sent = now
         eta = (now - started) / done * (total - done) if 0 < done < total else None
-        await self.emit(
-            await jobs.progress(self.pool, self.lease, stage, done, total, message, eta)
-        )
+        self.emit(await jobs.progress(self.pool, self.lease, stage, done, total, message, eta))
 
     async def partial(self, songs: list[dict[str, Any]]) -> None:
-        await self.emit(await jobs.partial(self.pool, self.lease, songs))
+        self.emit(await jobs.partial(self.pool, self.lease, songs))
 
 
 @dataclass

@@ -7,16 +7,17 @@ import logging
 import os
 import time
 import uuid
+from collections import deque
 from datetime import datetime
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from . import events, jobs
 from .analyzers import Analyzer, OfflineAnalyzer, OpenAIAnalyzer, UnconfiguredAnalyzer
 from .config import Settings
 from .db import UNAVAILABLE_ERRORS
+from .events import Publisher
 from .jobs import Lease, LeaseLost
 from .metadata import MetadataProvider, MusicBrainz, StoredMetadata
 from .metrics import METRICS
@@ -57,18 +58,18 @@ def _observe_duration(job: dict[str, Any]) -> None:
 
 async def execute(
     tools: Tools,
-    redis: aioredis.Redis,
+    publisher: Publisher,
     lease: Lease,
     stopping: asyncio.Event | None = None,
 ) -> None:
     """Run one claimed job to its end, renewing the lease, turning failures into retries."""
     pool, settings = tools.pool, tools.settings
-    rep = Reporter(pool, redis, lease, settings.progress_interval_s, stopping)
+    rep = Reporter(pool, publisher, lease, settings.progress_interval_s, stopping)
     renewer = asyncio.create_task(_renew(pool, lease), name=f"lease-{lease.job[:8]}")
     t0 = time.monotonic()
     try:
         job, evs = await run_pipeline(tools, rep, lease)
-        await rep.emit(evs)
+        publisher.send(evs)
         METRICS.jobs_finished.labels("completed").inc()
         _observe_duration(job)
         stats = job["result"]["stats"]
@@ -86,12 +87,12 @@ async def execute(
             "job %s: lease lost (cancelled or taken over); stopping without writing", lease.job[:8]
         )
     except HandBack:
-        await _hand_back(pool, redis, lease)
+        await _hand_back(pool, publisher, lease)
     except asyncio.CancelledError:
         # Shutting down past the grace period: hand the job back so another worker resumes it
         # now, not after the lease.
         try:
-            await asyncio.wait_for(asyncio.shield(_hand_back(pool, redis, lease)), 5)
+            await asyncio.wait_for(asyncio.shield(_hand_back(pool, publisher, lease)), 5)
         except Exception as err:  # noqa: BLE001 - the lease sweep is the fallback
             log.warning(
                 "handing back job %s failed (%r); its lease will expire", lease.job[:8], err
@@ -105,7 +106,7 @@ async def execute(
             job, evs = await jobs.fail_or_retry(
                 pool, lease, failure.as_dict(), settings.max_attempts
             )
-            await events.publish(redis, evs)
+            publisher.send(evs)
             if job["status"] == "failed":
                 METRICS.jobs_finished.labels("failed").inc()
                 _observe_duration(job)
@@ -138,9 +139,9 @@ async def execute(
             pass
 
 
-async def _hand_back(pool: asyncpg.Pool, redis: aioredis.Redis, lease: Lease) -> None:
+async def _hand_back(pool: asyncpg.Pool, publisher: Publisher, lease: Lease) -> None:
     try:
-        await events.publish(redis, await jobs.hand_back(pool, lease))
+        publisher.send(await jobs.hand_back(pool, lease))
         log.info("job %s handed back for another worker", lease.job[:8])
     except LeaseLost:
         pass
@@ -163,15 +164,64 @@ async def _renew(pool: asyncpg.Pool, lease: Lease) -> None:
             log.warning("renewing lease of job %s failed: %r", lease.job[:8], err)
 
 
+class Doorbell:
+    """Wakes one idle worker coroutine per ring (a job was queued), not all of them.
+
+    Waking every idle coroutine for each job made them all run a claim transaction for the one
+    job, which slowed the winner's claim. A ring with nobody waiting is kept (once): a coroutine
+    busy claiming when a job arrives claims again before it waits.
+    """
+
+    def __init__(self) -> None:
+        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.pending = False
+
+    def ring(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.pending = True
+
+    def ring_all(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+        self.pending = True
+
+    async def wait(self, timeout: float) -> None:
+        """Until rung, or ``timeout`` seconds (the poll that covers a lost notification)."""
+        if self.pending:
+            self.pending = False
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            if waiter in self.waiters:
+                self.waiters.remove(waiter)
+
+
 class WorkerPool:
     """N worker coroutines sharing one LISTEN connection that wakes them when jobs arrive."""
 
     def __init__(
-        self, dsn: str, pool: asyncpg.Pool, redis: aioredis.Redis, settings: Settings, n: int
+        self, dsn: str, pool: asyncpg.Pool, publisher: Publisher, settings: Settings, n: int
     ) -> None:
-        self.dsn, self.pool, self.redis, self.settings, self.n = dsn, pool, redis, settings, n
+        self.dsn, self.pool, self.publisher, self.settings, self.n = (
+            dsn,
+            pool,
+            publisher,
+            settings,
+            n,
+        )
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.wake = asyncio.Event()
+        self.wake = Doorbell()
         self.stopping = asyncio.Event()
         self.tools = Tools(pool, settings, make_analyzer(settings), make_metadata(settings))
         self.helpers: list[asyncio.Task[None]] = []
@@ -197,7 +247,7 @@ class WorkerPool:
         """Stop claiming; give running jobs until their next step (the grace period) to hand
         themselves back, then cancel what is left (which hands back too)."""
         self.stopping.set()
-        self.wake.set()
+        self.wake.ring_all()
         if self.runners:
             await asyncio.wait(self.runners, timeout=self.settings.shutdown_grace_s)
         tasks = self.runners + self.helpers
@@ -214,9 +264,9 @@ class WorkerPool:
             conn: asyncpg.Connection | None = None
             try:
                 conn = await asyncpg.connect(self.dsn, timeout=10)
-                await conn.add_listener(jobs.NOTIFY_CHANNEL, lambda *_: self.wake.set())
+                await conn.add_listener(jobs.NOTIFY_CHANNEL, lambda *_: self.wake.ring())
                 backoff = 0.1
-                self.wake.set()  # catch anything queued while we were not listening
+                self.wake.ring_all()  # catch anything queued while we were not listening
                 while not conn.is_closed():
                     await asyncio.sleep(5)
                     await conn.execute("SELECT 1")
@@ -237,9 +287,10 @@ class WorkerPool:
             await asyncio.sleep(max(1.0, self.settings.lease_s / 3))
             try:
                 evs = await jobs.requeue_expired(self.pool, self.settings.max_attempts)
-                await events.publish(self.redis, evs)
+                self.publisher.send(evs)
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + 60
+                    await jobs.prune_sort_windows(self.pool)
                     pruned = await events.prune(self.pool, self.settings.event_retention_s)
                     if pruned:
                         log.info(
@@ -254,8 +305,6 @@ class WorkerPool:
 
     async def run_worker(self, index: int) -> None:
         while not self.stopping.is_set():
-            # Clear before claiming: a NOTIFY that lands during the claim must not be lost.
-            self.wake.clear()
             try:
                 claimed = await jobs.claim(self.pool, self.owner, self.settings.lease_s)
             except asyncio.CancelledError:
@@ -265,13 +314,10 @@ class WorkerPool:
                 claimed = None
                 await asyncio.sleep(1)
             if claimed is None:
-                try:
-                    await asyncio.wait_for(self.wake.wait(), self.settings.poll_interval_s)
-                except TimeoutError:
-                    pass
+                await self.wake.wait(self.settings.poll_interval_s)
                 continue
             lease, row, evs = claimed
-            await events.publish(self.redis, evs)
+            self.publisher.send(evs)
             if lease.attempt == 1 and row["started_at"] is not None:
                 METRICS.enqueue_to_start.observe(
                     max(0.0, (row["started_at"] - row["created_at"]).total_seconds())
@@ -283,6 +329,6 @@ class WorkerPool:
                 lease.group,
             )
             try:
-                await execute(self.tools, self.redis, lease, self.stopping)
+                await execute(self.tools, self.publisher, lease, self.stopping)
             except Exception:  # noqa: BLE001 - a worker coroutine must outlive any one job
                 log.exception("job %s: unexpected error; its lease will expire", lease.job[:8])
