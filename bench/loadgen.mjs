@@ -7,11 +7,14 @@
 // Sockets are spread round-robin over the urls. Prints one JSON line "ready" once every socket
 // has joined; then reads commands on stdin, one per line:
 //   reset             forget the samples so far
-//   report <events>   wait (at most 10 s) until every socket has <events> events since the
-//                     reset, then print {deliveries, lost, latency percentiles, cpu} as JSON
+//   report <events> <path>
+//                     wait (at most 10 s) until every socket has <events> events since the
+//                     reset, write the latencies to <path> (float64s) and print {deliveries,
+//                     lost, first, last, cpu} as JSON; bench/fanout.py merges the generators
 //   quit
 // Latency: each event carries bench_t (publisher wall clock, ms); the receipt time is
 // performance.timeOrigin + performance.now() on the same machine.
+import { writeFileSync } from "node:fs";
 import { createInterface } from "node:readline";
 
 const args = Object.fromEntries(
@@ -89,11 +92,6 @@ for (let i = 0; i < n; i += 1) {
 while (joined + failed < n) await new Promise((r) => setTimeout(r, 5));
 console.log(JSON.stringify({ ready: true, joined, failed }));
 
-function pct(sorted, p) {
-  if (!sorted.length) return null;
-  return Math.round(sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] * 100) / 100;
-}
-
 let cpu0 = process.cpuUsage();
 let t0 = now();
 const rl = createInterface({ input: process.stdin });
@@ -109,6 +107,9 @@ for await (const line of rl) {
     t0 = now();
     console.log(JSON.stringify({ reset: true }));
   } else if (cmd === "report") {
+    // report <events> <path>: raw samples for bench/fanout.py to merge across generators
+    // (latencies as float64s in <path>, first and last per event as pairs).
+    const [, , path] = line.trim().split(/\s+/);
     const events = Number(arg);
     const deadline = now() + 10000;
     while (received < events * n && now() < deadline) await new Promise((r) => setTimeout(r, 10));
@@ -116,16 +117,12 @@ for await (const line of rl) {
     const cpu = process.cpuUsage(cpu0);
     let lost = 0;
     for (const c of counts) lost += Math.max(0, events - c);
-    const sorted = Float64Array.from(latencies).sort();
+    writeFileSync(path, Buffer.from(Float64Array.from(latencies).buffer));
     console.log(JSON.stringify({
       deliveries: received,
       lost,
-      p50_ms: pct(sorted, 50),
-      p99_ms: pct(sorted, 99),
-      max_ms: pct(sorted, 100),
-      first_p50_ms: pct(Float64Array.from(first.values()).sort(), 50),
-      last_p50_ms: pct(Float64Array.from(last.values()).sort(), 50),
-      last_p99_ms: pct(Float64Array.from(last.values()).sort(), 99),
+      first: [...first.entries()],
+      last: [...last.entries()],
       generator_cpu_s: (cpu.user + cpu.system) / 1e6,
       wall_s: wall,
     }));

@@ -1,6 +1,6 @@
 """Load generator on picows + uvloop (C-speed WebSocket frames): the same command-line and stdin
-protocol as bench/loadgen.mjs, several times cheaper per received message, so the generator is
-less of what gets measured.
+protocol as bench/loadgen.mjs (see there), several times cheaper per received message, so the
+generator is less of what gets measured. bench/fanout.py runs one per core and merges them.
 
     python -m bench.loadgen_picows --proto smartsort|socketio --urls U1,U2 --n 1000 --group G
 """
@@ -90,12 +90,6 @@ def _factory(cls: type, *args: object) -> object:
     return lambda: cls(*args)
 
 
-def pct(values: list[float], p: float) -> float | None:
-    if not values:
-        return None
-    return round(values[min(len(values) - 1, int(p / 100 * len(values)))], 2)
-
-
 def cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -139,23 +133,19 @@ async def main() -> None:
             cpu0, t0 = cpu_s(), time.perf_counter()
             print(json.dumps({"reset": True}), flush=True)
         elif cmd == "report":
-            events = int(line[1])
+            # report <events> <path>: raw samples for bench/fanout.py to merge across generators
+            # (latencies as float64s in <path>, first and last per event as pairs).
+            events, path = int(line[1]), line[2]
             deadline = time.monotonic() + 10
             while stats.received < events * args.n and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
-            lost = sum(max(0, events - c) for c in stats.counts)
-            values = sorted(stats.latencies)
+            with open(path, "wb") as f:
+                stats.latencies.tofile(f)
             out = {
                 "deliveries": stats.received,
-                "lost": lost,
-                "p50_ms": pct(values, 50),
-                "p99_ms": pct(values, 99),
-                "max_ms": pct(values, 100),
-                # Per event: when its first socket had it (the server's path alone) and its last
-                # (plus the generator reading 1,000 messages one after another).
-                "first_p50_ms": pct(sorted(stats.first.values()), 50),
-                "last_p50_ms": pct(sorted(stats.last.values()), 50),
-                "last_p99_ms": pct(sorted(stats.last.values()), 99),
+                "lost": sum(max(0, events - c) for c in stats.counts),
+                "first": list(stats.first.items()),
+                "last": list(stats.last.items()),
                 "generator_cpu_s": round(cpu_s() - cpu0, 3),
                 "wall_s": round(time.perf_counter() - t0, 3),
             }
