@@ -176,19 +176,14 @@ class Doorbell:
         self.waiters: deque[asyncio.Future[None]] = deque()
         self.pending = False
 
-    def ring(self) -> None:
+    def ring(self, everyone: bool = False) -> None:
+        """Wake one waiting coroutine (a job was queued), or ``everyone`` (stop, or catch up)."""
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                return
-        self.pending = True
-
-    def ring_all(self) -> None:
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+                if not everyone:
+                    return
         self.pending = True
 
     async def wait(self, timeout: float) -> None:
@@ -247,7 +242,7 @@ class WorkerPool:
         """Stop claiming; give running jobs until their next step (the grace period) to hand
         themselves back, then cancel what is left (which hands back too)."""
         self.stopping.set()
-        self.wake.ring_all()
+        self.wake.ring(everyone=True)
         if self.runners:
             await asyncio.wait(self.runners, timeout=self.settings.shutdown_grace_s)
         tasks = self.runners + self.helpers
@@ -266,7 +261,7 @@ class WorkerPool:
                 conn = await asyncpg.connect(self.dsn, timeout=10)
                 await conn.add_listener(jobs.NOTIFY_CHANNEL, lambda *_: self.wake.ring())
                 backoff = 0.1
-                self.wake.ring_all()  # catch anything queued while we were not listening
+                self.wake.ring(everyone=True)  # catch anything queued while we were not listening
                 while not conn.is_closed():
                     await asyncio.sleep(5)
                     await conn.execute("SELECT 1")

@@ -23,7 +23,7 @@ async def test_a_ring_wakes_exactly_one_idle_coroutine() -> None:
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     assert len(done) == 1 and len(bell.waiters) == 2
     assert not any(w.done() for w in bell.waiters)  # the other two were never woken
-    bell.ring_all()
+    bell.ring(everyone=True)
     await asyncio.wait_for(asyncio.gather(*pending), 5)
 
 
