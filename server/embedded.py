@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -77,7 +78,12 @@ def start_postgres(data_dir: Path) -> str:
     """Start (or attach to) the embedded PostgreSQL and return its URL."""
     if "pg" in _handles:
         return str(_handles["pg"].get_uri())
-    import pgserver
+    with warnings.catch_warnings():
+        # pgserver asks platformdirs for a runtime dir (its lock file) at import. Without
+        # XDG_RUNTIME_DIR (root in a container) it falls back to /tmp/runtime-<uid>, which
+        # works, and warns on every start: noise in front of the demo URL.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import pgserver
 
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
