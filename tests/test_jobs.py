@@ -147,3 +147,29 @@ async def test_the_sort_rate_window_counts_every_attempt_and_old_windows_are_pru
     await jobs.prune_sort_windows(pool)
     left = await pool.fetch("SELECT minute, n FROM sort_windows WHERE user_id = 'rate-ann'")
     assert [r["n"] for r in left] == [3]  # this minute's window stays, minute 1 is gone
+
+
+async def test_a_released_connection_costs_no_reset_round_trip_and_keeps_no_transaction(
+    backends,
+) -> None:
+    """Every write here is one statement; the pool must not add a second one on release."""
+    from server import db
+
+    pool = await db.create_pool(backends.database_url, min_size=1, max_size=1)
+    sent: list[str] = []
+    try:
+        async with pool.acquire() as conn:
+            conn.add_query_logger(lambda record: sent.append(record.query))
+            left_open = conn.transaction()
+            await left_open.start()  # a careless caller: asyncpg still rolls this back
+            await conn.execute("CREATE TEMP TABLE IF NOT EXISTS t_release (n int)")
+        async with pool.acquire() as conn:  # the same connection (max_size=1)
+            assert not conn.is_in_transaction()
+            assert (
+                await conn.fetchval("SELECT count(*) FROM pg_tables WHERE tablename = 't_release'")
+                == 0
+            )
+    finally:
+        await pool.close()
+    assert not any("RESET ALL" in q or "UNLISTEN" in q for q in sent), sent
+    assert "ROLLBACK" in sent
