@@ -69,6 +69,45 @@ def text_frame(payload: bytes) -> bytes:
     return _last_frame
 
 
+# How long a closed socket keeps reading (and dropping) what its peer still sends, so the peer
+# reads our close frame instead of a reset.
+LINGER_S = 2.0
+
+
+class LingeringResponse(web.WebSocketResponse):
+    """A WebSocket response whose transport closes the way a careful server closes.
+
+    aiohttp closes the transport right after writing its close frame. When the peer is still
+    sending (the rest of a frame over ``max_message_bytes``, say), closing a socket with unread
+    data makes the kernel answer with a reset, and a peer writing at that moment loses the
+    connection before it reads the close frame: a 1009 arrives as an abrupt close, and a client
+    that stops on 1009 reconnects and tries again. Here the close frame is followed by a FIN
+    (the peer reads the frame, then end of stream), reading goes on and what arrives is dropped,
+    and the handler closes the transport once the peer has closed or after ``LINGER_S``.
+    """
+
+    lingering = False
+
+    def _close_transport(self) -> None:
+        request = self._req
+        transport = request.transport if request is not None else None
+        if transport is None or transport.is_closing() or not transport.can_write_eof():
+            super()._close_transport()
+            return
+        self.lingering = True
+        transport.write_eof()
+
+
+async def linger(ws: LingeringResponse, transport: asyncio.BaseTransport | None) -> None:
+    """Wait (at most LINGER_S) for the peer to close a lingering socket, then close it."""
+    if not ws.lingering or transport is None:
+        return
+    deadline = time.monotonic() + LINGER_S
+    while not transport.is_closing() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)  # rare path (server-initiated closes): a poll is enough
+    transport.close()
+
+
 def json_error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"success": False, "error": message, "code": code}, status=status)
 
@@ -266,7 +305,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             f"too many open sockets for this user (at most {settings.max_connections_per_user})",
         )
 
-    ws = web.WebSocketResponse(
+    ws = LingeringResponse(
         heartbeat=settings.heartbeat_s,
         max_msg_size=settings.max_message_bytes,
         compress=False,
@@ -325,6 +364,8 @@ async def _finish(conn: Connection, request: web.Request) -> None:
     ws = conn.ws
     if not ws.closed and not conn.dropped and request.transport is not None:
         request.transport.abort()
+    elif isinstance(ws, LingeringResponse) and not conn.dropped:
+        await linger(ws, request.transport)
     log.info("socket closed: user %s (code %s)", conn.user, conn.close_code or ws.close_code)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
 import struct
 
 import aiohttp
@@ -185,6 +186,45 @@ def _frame(opcode: int, payload: bytes, mask: bool = True, rsv: int = 0, fin: bo
         return head + payload
     key = os.urandom(4)
     return head + key + bytes(c ^ key[i % 4] for i, c in enumerate(payload))
+
+
+def _send_oversized_then_read_to_the_end(sock: socket.socket) -> tuple[bytes, str]:
+    """Send a 70,000-byte text frame and 4 MiB more, as a client mid-upload does; then read to
+    the end. Returns what came back and how the stream ended."""
+    n = 70_000
+    sock.sendall(bytes([0x81, 0x80 | 127]) + n.to_bytes(8, "big") + os.urandom(4) + b"x" * n)
+    try:
+        for _ in range(16):
+            sock.sendall(b"y" * 262_144)
+    except (BrokenPipeError, ConnectionResetError) as err:
+        return b"", f"reset while sending ({err!r})"
+    received = b""
+    try:
+        while chunk := sock.recv(65_536):
+            received += chunk
+    except ConnectionResetError as err:
+        return received, f"reset while reading ({err!r})"
+    return received, "end of stream"
+
+
+async def test_an_oversized_frame_ends_in_1009_and_end_of_stream_not_a_reset(client):
+    """aiohttp closes right after its close frame; closing a socket with unread bytes makes the
+    kernel send a reset, and a client still sending then loses the 1009. We keep reading (and
+    dropping) until the peer is done, so the close frame and an orderly end always arrive."""
+    loop = asyncio.get_running_loop()
+    sock, rest = await loop.run_in_executor(
+        None, raw_ws, client.server.port, f"/ws?token={token('big')}"
+    )
+    try:
+        received, ending = await loop.run_in_executor(
+            None, _send_oversized_then_read_to_the_end, sock
+        )
+    finally:
+        sock.close()
+    assert ending == "end of stream"
+    frames, _ = parse_frames(rest + received)
+    close = [p for op, p in frames if op == 0x8]
+    assert close and int.from_bytes(close[0][:2], "big") == 1009
 
 
 @pytest.mark.parametrize(
