@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,12 @@ def _with_query(url: str, query: str | None) -> str:
     return f"{url}{'&' if '?' in url else '?'}{query}"
 
 
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return round(values[min(len(values) - 1, int(p / 100 * len(values)))], 2)
+def pct(values: Iterable[float], p: float) -> float | None:
+    """The p-th percentile (nearest rank, rounded to 0.01), or None without samples."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return round(ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))], 2)
 
 
 async def _run(requesters: int, rounds: int) -> dict[str, Any]:

@@ -25,7 +25,7 @@ WORKERS = 8
 def _parse_ts(value: str) -> float:
     from datetime import datetime
 
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return datetime.fromisoformat(value).timestamp()  # 3.11 reads the protocol's trailing Z
 
 
 async def _probe(client: Any, group: str) -> tuple[float, float, float]:
