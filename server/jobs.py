@@ -316,8 +316,10 @@ async def cancel(pool: asyncpg.Pool, job: str, by: str) -> tuple[dict[str, Any],
 
 
 # Claim the oldest runnable job under a lease and append its job.started, in one statement. The
-# frame is built in SQL (ss_job_json, migration 004) because the job is only known in there.
-_CLAIM = """
+# frame's parts are built in SQL (ss_job_json, migration 004) because the job is only known in
+# there; the seq and the stored event are APPEND_CTES, as for every other event.
+_CLAIM = (
+    """
 WITH next AS (
     SELECT id FROM jobs WHERE status IN ('queued', 'retrying') AND run_after <= clock_timestamp()
     ORDER BY run_after, created_at FOR UPDATE SKIP LOCKED LIMIT 1
@@ -326,19 +328,25 @@ WITH next AS (
         lease_expires_at = clock_timestamp() + make_interval(secs => $2),
         started_at = coalesce(j.started_at, clock_timestamp()), error = NULL
     FROM next WHERE j.id = next.id RETURNING j.*, ss_job_json(j) AS job_json
-), s AS (
-    UPDATE groups g SET last_seq = g.last_seq + 1 FROM c WHERE g.id = c.group_id
-    RETURNING g.last_seq
-), e AS (
-    INSERT INTO group_events (group_id, seq, type, ts, data)
-    SELECT c.group_id, s.last_seq, 'job.started', $3,
-        '{"type":"job.started","group":' || to_json(c.group_id)::text || ',"seq":' || s.last_seq
-        || ',"ts":"' || ss_iso($3) || '","job":' || c.job_json
-        || ',"attempt":' || c.attempt || '}'
-    FROM c, s RETURNING seq, data
-)
-SELECT c.*, e.seq AS event_seq, e.data AS event_data FROM c, e
+), f AS (
+    SELECT group_id,
+        '{"type":"job.started","group":' || to_json(group_id)::text || ',"seq":' AS head,
+        ',"ts":"' || ss_iso($3) || '","job":' || job_json || ',"attempt":' || attempt || '}'
+            AS tail
+    FROM c
+), """
+    + events.APPEND_CTES.format(
+        group="(SELECT group_id FROM f)",
+        guard="",
+        type="'job.started'",
+        ts="$3",
+        head="(SELECT head FROM f)",
+        tail="(SELECT tail FROM f)",
+    )
+    + """
+SELECT c.*, e.seq AS event_seq, f.head AS event_head, f.tail AS event_tail FROM c, e, f
 """
+)
 
 
 async def claim(
@@ -351,7 +359,11 @@ async def claim(
         return None
     group = row["group_id"]
     lease = Lease(str(row["id"]), group, row["attempt"], owner, lease_s)
-    return lease, row, [Event(group, row["event_seq"], row["event_data"].encode())]
+    return (
+        lease,
+        row,
+        [events.assembled(group, row["event_seq"], row["event_head"], row["event_tail"])],
+    )
 
 
 _FENCE = (
