@@ -97,15 +97,14 @@ class LingeringResponse(web.WebSocketResponse):
         self.lingering = True
         transport.write_eof()
 
-
-async def linger(ws: LingeringResponse, transport: asyncio.BaseTransport | None) -> None:
-    """Wait (at most LINGER_S) for the peer to close a lingering socket, then close it."""
-    if not ws.lingering or transport is None:
-        return
-    deadline = time.monotonic() + LINGER_S
-    while not transport.is_closing() and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)  # rare path (server-initiated closes): a poll is enough
-    transport.close()
+    async def linger(self, transport: asyncio.BaseTransport | None) -> None:
+        """If lingering: wait (at most LINGER_S) for the peer to close, then close."""
+        if not self.lingering or transport is None:
+            return
+        deadline = time.monotonic() + LINGER_S
+        while not transport.is_closing() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # rare path (server-initiated closes): a poll is enough
+        transport.close()
 
 
 def json_error(status: int, code: str, message: str) -> web.Response:
@@ -140,7 +139,7 @@ class Connection:
     def __init__(
         self,
         app: web.Application,
-        ws: web.WebSocketResponse,
+        ws: LingeringResponse,
         user: str,
         transport: asyncio.Transport | None,
     ) -> None:
@@ -364,8 +363,8 @@ async def _finish(conn: Connection, request: web.Request) -> None:
     ws = conn.ws
     if not ws.closed and not conn.dropped and request.transport is not None:
         request.transport.abort()
-    elif isinstance(ws, LingeringResponse) and not conn.dropped:
-        await linger(ws, request.transport)
+    elif not conn.dropped:
+        await ws.linger(request.transport)
     log.info("socket closed: user %s (code %s)", conn.user, conn.close_code or ws.close_code)
 
 
