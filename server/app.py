@@ -78,12 +78,15 @@ async def publisher_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     hub = app[HUB_KEY] = Hub(app[REDIS_KEY], app[POOL_KEY])
+    app[PUBLISHER_KEY].local = hub.deliver_local
     presence = app[PRESENCE_KEY] = Presence(app[REDIS_KEY], app[SETTINGS_KEY].presence_ttl_s)
     relay = asyncio.create_task(hub.relay(), name="hub-relay")
     refresh = asyncio.create_task(presence.refresh_forever(), name="presence-refresh")
     yield
+    app[PUBLISHER_KEY].local = None
     await cancel_and_wait(refresh)
     await cancel_and_wait(relay)
+    await hub.close()
     await hub._close_pubsub()
 
 

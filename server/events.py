@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -126,15 +126,25 @@ class Publisher:
         self.max_pending = max_pending
         self.batch = batch
         self.pending: deque[Event] = deque()
+        # This process's own subscribers (the hub): members on the process that committed an
+        # event hear of it without a Redis round trip, nor a wait behind the previous publish.
+        self.local: Callable[[Sequence[Event]], None] | None = None
         self.more = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
 
     def send(self, events: Iterable[Event]) -> None:
-        """Queue events for publishing; never blocks."""
-        self.pending.extend(events)
-        if not self.pending:
+        """Queue events for publishing, and for this process's own members; never blocks.
+
+        Local delivery runs soon, not now: the sender finishes what it is doing first (a sort's
+        requester gets sort.accepted before job.queued, as from any other process).
+        """
+        evs = events if isinstance(events, list) else list(events)
+        if not evs:
             return
+        if self.local is not None:
+            asyncio.get_running_loop().call_soon(self._deliver_local, evs)
+        self.pending.extend(evs)
         excess = len(self.pending) - self.max_pending
         if excess > 0:
             for _ in range(excess):
@@ -154,6 +164,13 @@ class Publisher:
                 n = min(len(pending), self.batch)
                 await publish(self.redis, [pending.popleft() for _ in range(n)])
             self.idle.set()
+
+    def _deliver_local(self, events: Sequence[Event]) -> None:
+        if self.local is not None:
+            try:
+                self.local(events)
+            except Exception:  # noqa: BLE001 - Redis still carries them to everyone
+                log.exception("local delivery failed")
 
     async def flush(self, timeout: float) -> None:
         """Wait (bounded) until everything queued so far has been handed to Redis."""

@@ -1,10 +1,14 @@
 """Fan-out: one Redis subscription per process, a gap-free stream per group, local subscribers.
 
-The relay task is the only reader of the subscription and the only writer of each feed's
-``last_seq``, so delivery, deduplication and gap filling never race. A published event with a
-gap (Redis pub/sub is at-most-once, and two transactions may publish out of commit order) is
-preceded by the missing events read from PostgreSQL; a (re)subscription and a periodic check
-catch up any group whose newest events never arrived.
+Events reach a group's feed from the relay (the only reader of the subscription) and, for events
+committed in this process, straight from its publisher (``deliver_local``), so members here need
+no Redis round trip. Either way ``accept`` decides, with no await in it, so delivery and
+deduplication never race: the next seq is delivered, a repeat is dropped, and an event that
+arrives ahead of a missing one is held. The missing one usually arrives a moment later (two
+processes' publishes cross: a web process's job.queued and a worker's job.started); when it does
+not within GAP_WAIT_S (Redis pub/sub is at-most-once), the gap is filled from PostgreSQL by a task
+of its own, so no group's gap holds up another group's events. A (re)subscription and a periodic
+check catch up any group whose newest events never arrived.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -27,6 +32,10 @@ log = logging.getLogger(__name__)
 
 CONTROL_CHANNEL = "ss:hub"
 CATCH_UP_EVERY_S = 5.0
+# How long an event that arrived ahead of a missing one waits for it before PostgreSQL is read.
+GAP_WAIT_S = 0.05
+# At most this many such events are held per group; beyond it the fill reads them back.
+MAX_HELD = 1000
 
 
 Sink = Callable[[bytes, "bytes | None"], None]
@@ -63,13 +72,16 @@ class Cursor:
 
 
 class Feed:
-    __slots__ = ("subscribers", "last_seq", "confirmed", "ready")
+    __slots__ = ("subscribers", "last_seq", "confirmed", "ready", "held", "filler")
 
     def __init__(self) -> None:
         self.subscribers: set[Cursor] = set()
         self.last_seq = 0
         self.confirmed = asyncio.Event()
         self.ready = asyncio.Event()
+        # Events that arrived ahead of a missing one, by seq; and the task that fills the gap.
+        self.held: dict[int, bytes] = {}
+        self.filler: asyncio.Task[None] | None = None
 
 
 class Hub:
@@ -79,6 +91,7 @@ class Hub:
         self.feeds: dict[str, Feed] = {}
         self.pubsub: aioredis.client.PubSub | None = None
         self.connected = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()  # gap fillers, cancelled by close()
 
     # -- subscribers -------------------------------------------------------------------------
 
@@ -163,7 +176,9 @@ class Hub:
                     feed = self.feeds.get(group)
                     if feed is not None:
                         if kind == "message":
-                            await self._on_message(group, feed, msg["data"])
+                            if feed.ready.is_set():  # else its position, read later, counts it
+                                seq, data = events.parse_wire(msg["data"])
+                                self.accept(group, feed, seq, data)
                         elif kind == "subscribe":
                             if feed.ready.is_set():
                                 await self._catch_up(group, feed)  # resubscribed after a reconnect
@@ -173,20 +188,58 @@ class Hub:
                 next_check = time.monotonic() + CATCH_UP_EVERY_S
                 await self._catch_up_all()
 
-    async def _on_message(self, group: str, feed: Feed, payload: bytes) -> None:
-        if not feed.ready.is_set():
-            return  # its position is read after confirmation; this event is counted in it
-        seq, data = events.parse_wire(payload)
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def accept(self, group: str, feed: Feed, seq: int, data: bytes) -> None:
+        """One arriving event of a ready feed: deliver it, drop a repeat, or hold it."""
         if seq == EPHEMERAL:
             self._deliver(feed, seq, data)
         elif seq == feed.last_seq + 1:
             feed.last_seq = seq
             self._deliver(feed, seq, data)
+            if feed.held:
+                self._release(feed)
         elif seq > feed.last_seq:
-            await self._fill(group, feed, until=seq)
+            if len(feed.held) < MAX_HELD:
+                feed.held[seq] = data
+            if feed.filler is None:
+                feed.filler = self._spawn(self._fill_gap(group, feed), "hub-gap")
+
+    def _release(self, feed: Feed) -> None:
+        """Deliver the held events that are next now, in order; forget the ones delivered."""
+        held = feed.held
+        while (seq := feed.last_seq + 1) in held:
+            feed.last_seq = seq
+            self._deliver(feed, seq, held.pop(seq))
+        for seq in [s for s in held if s <= feed.last_seq]:
+            del held[seq]
+
+    async def _fill_gap(self, group: str, feed: Feed) -> None:
+        """Give a missing event GAP_WAIT_S to arrive, then read it (and what follows) from
+        PostgreSQL; retry while the gap stays open (e.g. the database is down)."""
+        try:
+            wait = GAP_WAIT_S
+            while True:
+                await asyncio.sleep(wait)
+                if not feed.held or self.feeds.get(group) is not feed:
+                    return
+                await self._fill(group, feed, until=None)
+                wait = 1.0
+        finally:
+            feed.filler = None
 
     async def _fill(self, group: str, feed: Feed, until: int | None) -> None:
-        """Deliver stored events after last_seq (up to ``until``) from PostgreSQL."""
+        """Deliver stored events after last_seq (up to ``until``) from PostgreSQL, then any held
+        events that are next."""
         try:
             missing = await asyncio.wait_for(
                 events.read_since(self.pool, group, feed.last_seq, until), 5
@@ -200,6 +253,8 @@ class Hub:
             if ev.seq == feed.last_seq + 1:
                 feed.last_seq = ev.seq
                 self._deliver(feed, ev.seq, ev.data)
+        if feed.held:
+            self._release(feed)
 
     async def _catch_up(self, group: str, feed: Feed) -> None:
         await self._fill(group, feed, until=None)
@@ -223,6 +278,16 @@ class Hub:
             feed = ready[r["id"]]
             if r["last_seq"] > feed.last_seq and self.feeds.get(r["id"]) is feed:
                 await self._fill(r["id"], feed, until=r["last_seq"])
+
+    def deliver_local(self, evs: Sequence[events.Event]) -> None:
+        """Events committed by this process, to its own members without a Redis round trip;
+        their copies from Redis are then repeats."""
+        for ev in evs:
+            if ev.seq == EPHEMERAL:
+                continue  # not deduplicated by seq: the relay delivers it, once
+            feed = self.feeds.get(ev.group)
+            if feed is not None and feed.ready.is_set():
+                self.accept(ev.group, feed, ev.seq, ev.data)
 
     def _deliver(self, feed: Feed, seq: int, data: bytes) -> None:
         key = events.progress_key(data)  # once per event, not once per socket
