@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -36,6 +37,8 @@ CATCH_UP_EVERY_S = 5.0
 GAP_WAIT_S = 0.05
 # At most this many such events are held per group; beyond it the fill reads them back.
 MAX_HELD = 1000
+# A group with more local sockets than this is sent to this many at a time by a task of its own.
+FAN_OUT_CHUNK = 128
 
 
 Sink = Callable[[bytes, "bytes | None"], None]
@@ -72,7 +75,7 @@ class Cursor:
 
 
 class Feed:
-    __slots__ = ("subscribers", "last_seq", "confirmed", "ready", "held", "filler")
+    __slots__ = ("subscribers", "last_seq", "confirmed", "ready", "held", "filler", "backlog")
 
     def __init__(self) -> None:
         self.subscribers: set[Cursor] = set()
@@ -82,6 +85,8 @@ class Feed:
         # Events that arrived ahead of a missing one, by seq; and the task that fills the gap.
         self.held: dict[int, bytes] = {}
         self.filler: asyncio.Task[None] | None = None
+        # A big group's events waiting for its fan-out task (None while it has none running).
+        self.backlog: deque[tuple[int, bytes, bytes | None]] | None = None
 
 
 class Hub:
@@ -91,7 +96,7 @@ class Hub:
         self.feeds: dict[str, Feed] = {}
         self.pubsub: aioredis.client.PubSub | None = None
         self.connected = asyncio.Event()
-        self.tasks: set[asyncio.Task[None]] = set()  # gap fillers, cancelled by close()
+        self.tasks: set[asyncio.Task[None]] = set()  # gap fillers and fan-outs; close() ends them
 
     # -- subscribers -------------------------------------------------------------------------
 
@@ -290,10 +295,40 @@ class Hub:
                 self.accept(ev.group, feed, ev.seq, ev.data)
 
     def _deliver(self, feed: Feed, seq: int, data: bytes) -> None:
+        """Hand an event to the group's local subscribers, in order.
+
+        A small group gets it now. A big one gets it from a task of its own, FAN_OUT_CHUNK
+        sockets at a time, so that an event to thousands of sockets does not hold up the other
+        groups' events (the relay reads on between chunks); the group's next events wait behind
+        it, in order.
+        """
         key = events.progress_key(data)  # once per event, not once per socket
-        for cursor in list(feed.subscribers):
-            cursor.push(seq, data, key)
-        METRICS.events_delivered.inc(len(feed.subscribers))
+        if feed.backlog is not None:
+            feed.backlog.append((seq, data, key))
+        elif len(feed.subscribers) > FAN_OUT_CHUNK:
+            feed.backlog = deque([(seq, data, key)])
+            self._spawn(self._fan_out(feed, feed.backlog), "hub-fan-out")
+        else:
+            for cursor in list(feed.subscribers):
+                cursor.push(seq, data, key)
+            self._delivered(seq, data, len(feed.subscribers))
+
+    async def _fan_out(self, feed: Feed, backlog: deque[tuple[int, bytes, bytes | None]]) -> None:
+        try:
+            while backlog:
+                seq, data, key = backlog.popleft()
+                cursors = list(feed.subscribers)
+                for start in range(0, len(cursors), FAN_OUT_CHUNK):
+                    if start:
+                        await asyncio.sleep(0)
+                    for cursor in cursors[start : start + FAN_OUT_CHUNK]:
+                        cursor.push(seq, data, key)
+                self._delivered(seq, data, len(cursors))
+        finally:
+            feed.backlog = None
+
+    def _delivered(self, seq: int, data: bytes, n: int) -> None:
+        METRICS.events_delivered.inc(n)
         if seq != EPHEMERAL:
             committed = events.event_time(data)
             if committed is not None:

@@ -4,6 +4,7 @@ without Redis."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import asyncpg
@@ -90,3 +91,34 @@ async def test_members_on_the_committing_process_hear_of_it_without_redis(
         assert types.index("sort.accepted") < types.index("job.queued")  # the reply first
     finally:
         await nowhere.aclose()
+
+
+async def test_a_big_groups_fan_out_lets_other_groups_through_and_keeps_its_order(
+    redis, pool, monkeypatch
+):
+    monkeypatch.setattr(hub, "FAN_OUT_CHUNK", 4)
+    relay = hub.Hub(redis, pool)
+    sent: list[tuple[str, bytes]] = []
+
+    def feed_of(group: str, sockets: int) -> hub.Feed:
+        feed = relay.feeds[group] = hub.Feed()
+        feed.ready.set()
+        for i in range(sockets):
+            cursor = hub.Cursor(lambda data, key, who=f"{group}/{i}": sent.append((who, data)))
+            cursor.go_live(0)
+            feed.subscribers.add(cursor)
+        return feed
+
+    big, small = feed_of("big", 10), feed_of("small", 1)
+    relay.accept("big", big, 1, b"b1")
+    relay.accept("big", big, 2, b"b2")  # waits behind b1, in order
+    relay.accept("small", small, 1, b"s1")  # not behind the big group's 20 sends
+    assert sent == [("small/0", b"s1")]
+    await asyncio.sleep(0)  # the big group's task sends its first chunk, then lets others run
+    assert len(sent) == 1 + 4
+    relay.accept("small", small, 2, b"s2")
+    await asyncio.gather(*relay.tasks)
+    assert sent.index(("small/0", b"s2")) == 5  # between the big group's chunks
+    for i in range(10):
+        assert [data for who, data in sent if who == f"big/{i}"] == [b"b1", b"b2"]
+    assert len(sent) == 2 + 20 and big.backlog is None
