@@ -56,7 +56,10 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     await db.migrate(urls.database_url)
     app[DSN_KEY] = urls.database_url
-    pool = app[POOL_KEY] = await db.create_pool(urls.database_url)
+    # Fixed size, all opened at start: a burst never waits for new connections to be made and
+    # warmed (each new one pays its set-up and its first plan of every statement).
+    size = settings.db_pool_size
+    pool = app[POOL_KEY] = await db.create_pool(urls.database_url, min_size=size, max_size=size)
     redis = app[REDIS_KEY] = aioredis.from_url(
         urls.redis_url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=10
     )

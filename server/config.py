@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     # Test hook: slows each analysis batch so tests can watch a job while it runs.
     step_delay_s: float = Field(0.0, alias="SMARTSORT_STEP_DELAY_S", ge=0)
     poll_interval_s: float = Field(2.0, alias="SMARTSORT_POLL_INTERVAL_S", gt=0)
+    db_pool_size: int = Field(10, alias="SMARTSORT_DB_POOL_SIZE", ge=2, le=200)
 
     def origins(self) -> frozenset[str]:
         """The explicitly allowed browser origins."""

@@ -173,3 +173,22 @@ async def test_a_released_connection_costs_no_reset_round_trip_and_keeps_no_tran
         await pool.close()
     assert not any("RESET ALL" in q or "UNLISTEN" in q for q in sent), sent
     assert "ROLLBACK" in sent
+
+
+async def test_the_apps_pool_is_opened_whole_and_plans_each_statement_once(client) -> None:
+    """A burst must not wait for connections to be made, nor re-plan its statements on them."""
+    from server.config import SETTINGS_KEY
+    from server.db import POOL_KEY
+
+    app = client.server.app
+    pool = app[POOL_KEY]
+    assert pool.get_size() == app[SETTINGS_KEY].db_pool_size  # every connection made at start
+    async with pool.acquire() as conn:
+        await conn.execute("PREPARE plan_probe(text) AS SELECT id FROM songs WHERE group_id = $1")
+        try:
+            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN EXECUTE plan_probe('g')"))
+        finally:
+            await conn.execute("DEALLOCATE plan_probe")
+    # PostgreSQL's default plans the first five runs for their values ('g'::text); ours is the
+    # one generic plan, made once.
+    assert "$1" in plan and "'g'" not in plan, plan
