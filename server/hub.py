@@ -35,8 +35,9 @@ CONTROL_CHANNEL = "ss:hub"
 CATCH_UP_EVERY_S = 5.0
 # How long an event that arrived ahead of a missing one waits for it before PostgreSQL is read.
 GAP_WAIT_S = 0.05
-# At most this many such events are held per group; beyond it the fill reads them back.
-MAX_HELD = 1000
+# At most this many such events are held per group (a job.completed frame can be 100 KB);
+# beyond it the fill reads them back. A gap normally closes or is filled within GAP_WAIT_S.
+MAX_HELD = 256
 # A group with more local sockets than this is sent to this many at a time by a task of its own.
 FAN_OUT_CHUNK = 128
 
