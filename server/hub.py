@@ -76,7 +76,16 @@ class Cursor:
 
 
 class Feed:
-    __slots__ = ("subscribers", "last_seq", "confirmed", "ready", "held", "filler", "backlog")
+    __slots__ = (
+        "subscribers",
+        "last_seq",
+        "confirmed",
+        "ready",
+        "held",
+        "unheld",
+        "filler",
+        "backlog",
+    )
 
     def __init__(self) -> None:
         self.subscribers: set[Cursor] = set()
@@ -85,6 +94,7 @@ class Feed:
         self.ready = asyncio.Event()
         # Events that arrived ahead of a missing one, by seq; and the task that fills the gap.
         self.held: dict[int, bytes] = {}
+        self.unheld = 0  # the newest such event not held (MAX_HELD reached): the fill reads it
         self.filler: asyncio.Task[None] | None = None
         # A big group's events waiting for its fan-out task (None while it has none running).
         self.backlog: deque[tuple[int, bytes, bytes | None]] | None = None
@@ -217,6 +227,8 @@ class Hub:
         elif seq > feed.last_seq:
             if len(feed.held) < MAX_HELD:
                 feed.held[seq] = data
+            else:
+                feed.unheld = max(feed.unheld, seq)
             if feed.filler is None:
                 feed.filler = self._spawn(self._fill_gap(group, feed), "hub-gap")
 
@@ -236,7 +248,9 @@ class Hub:
             wait = GAP_WAIT_S
             while True:
                 await asyncio.sleep(wait)
-                if not feed.held or self.feeds.get(group) is not feed:
+                if self.feeds.get(group) is not feed or (
+                    not feed.held and feed.unheld <= feed.last_seq
+                ):
                     return
                 await self._fill(group, feed, until=None)
                 wait = 1.0
