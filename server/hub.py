@@ -252,7 +252,10 @@ class Hub:
                     not feed.held and feed.unheld <= feed.last_seq
                 ):
                     return
-                await self._fill(group, feed, until=None)
+                try:
+                    await self._fill(group, feed, until=None)
+                except Exception:  # noqa: BLE001 - keep trying; the held events are still owed
+                    log.exception("filling a gap of group %s failed", group)
                 wait = 1.0
         finally:
             feed.filler = None
@@ -337,7 +340,10 @@ class Hub:
                     if start:
                         await asyncio.sleep(0)
                     for cursor in cursors[start : start + FAN_OUT_CHUNK]:
-                        cursor.push(seq, data, key)
+                        try:
+                            cursor.push(seq, data, key)
+                        except Exception:  # noqa: BLE001 - one socket must not cost the rest
+                            log.exception("delivering to a socket of a big group failed")
                 self._delivered(seq, data, len(cursors))
         finally:
             feed.backlog = None
