@@ -261,8 +261,8 @@ class Hub:
             feed.filler = None
 
     async def _fill(self, group: str, feed: Feed, until: int | None) -> None:
-        """Deliver stored events after last_seq (up to ``until``) from PostgreSQL, then any held
-        events that are next."""
+        """Read the stored events after last_seq (up to ``until``) from PostgreSQL and take
+        them like any arriving event (so held events that become next go out too)."""
         try:
             missing = await asyncio.wait_for(
                 events.read_since(self.pool, group, feed.last_seq, until), 5
@@ -273,11 +273,7 @@ class Hub:
         if missing:
             METRICS.gap_fills.inc()
         for ev in missing:
-            if ev.seq == feed.last_seq + 1:
-                feed.last_seq = ev.seq
-                self._deliver(feed, ev.seq, ev.data)
-        if feed.held:
-            self._release(feed)
+            self.accept(group, feed, ev.seq, ev.data)
 
     async def _catch_up(self, group: str, feed: Feed) -> None:
         await self._fill(group, feed, until=None)
