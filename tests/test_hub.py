@@ -13,6 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,13 +34,15 @@ async def _append(pool: asyncpg.Pool, group: str, n: int) -> list[Event]:
         ]
 
 
-async def _member(aiohttp_client, app_factory, group: str, user: str) -> tuple[Socket, int]:
+async def _member(
+    aiohttp_client, app_factory, group: str, user: str
+) -> tuple[TestClient, Socket, int]:
     """A joined socket on a fresh app (started after the test's own settings), and its seq."""
     client = await aiohttp_client(app_factory(workers=0))
     sock = Socket(await client.ws_connect(f"/ws?token={token(user)}"))
     assert (await sock.recv())["type"] == "hello"
     joined = await sock.request("join", group=group)
-    return sock, joined["seq"]
+    return client, sock, joined["seq"]
 
 
 _MAX_HELD = hub.MAX_HELD
@@ -56,7 +59,7 @@ async def test_events_that_cross_on_their_way_are_put_in_order_from_memory(
     monkeypatch.setattr(hub, "GAP_WAIT_S", 3600)
     monkeypatch.setattr(hub, "CATCH_UP_EVERY_S", 3600)
     group, _ = await make_group(["ola"])
-    sock, seq = await _member(aiohttp_client, app_factory, group, "ola")
+    _, sock, seq = await _member(aiohttp_client, app_factory, group, "ola")
     first, second = await _append(pool, group, 2)
     fills = _fills()
     await events.publish(redis, [second])  # the later event overtakes the earlier one
@@ -70,7 +73,7 @@ async def test_a_lost_event_is_read_back_before_the_one_after_it(
     aiohttp_client, app_factory, make_group, pool, redis
 ):
     group, _ = await make_group(["pat"])
-    sock, seq = await _member(aiohttp_client, app_factory, group, "pat")
+    _, sock, seq = await _member(aiohttp_client, app_factory, group, "pat")
     first, second = await _append(pool, group, 2)
     fills = _fills()
     await events.publish(redis, [second])  # `first` never arrives, as when pub/sub drops it
@@ -85,7 +88,7 @@ async def test_events_past_the_hold_limit_are_read_back_in_order_too(
     monkeypatch.setattr(hub, "MAX_HELD", 2)
     monkeypatch.setattr(hub, "CATCH_UP_EVERY_S", 3600)  # only the gap's own fill reads back
     group, _ = await make_group(["rio"])
-    sock, seq = await _member(aiohttp_client, app_factory, group, "rio")
+    _, sock, seq = await _member(aiohttp_client, app_factory, group, "rio")
     evs = await _append(pool, group, 5)
     await events.publish(redis, evs[1:])  # ahead of the first: two are held, two are not
     await events.publish(redis, evs[:1])  # the gap closes, yet the two not held are missing
@@ -98,10 +101,7 @@ async def test_members_on_the_committing_process_hear_of_it_without_redis(
 ):
     monkeypatch.setattr(hub, "CATCH_UP_EVERY_S", 3600)  # no periodic read-back either
     group, _ = await make_group(["quinn"])
-    client = await aiohttp_client(app_factory(workers=0))
-    sock = Socket(await client.ws_connect(f"/ws?token={token('quinn')}"))
-    await sock.recv()
-    seq = (await sock.request("join", group=group))["seq"]
+    client, sock, seq = await _member(aiohttp_client, app_factory, group, "quinn")
     # From here on every publish of this process fails (softly, as when Redis is down).
     app = client.server.app
     nowhere = aioredis.from_url(f"unix://{tmp_path}/no-redis-here.sock")
